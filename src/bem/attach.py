@@ -1,0 +1,246 @@
+"""attach_bem / save_bem / load_bem: put BEM sites and a controller on a Hugging Face causal LM."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from bem.config import BEMConfig, BEMConfigError
+from bem.controller import Controller
+from bem.layer import BEMLayer
+from bem.runtime import BEMRuntime
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "bem_config.json"
+WEIGHTS_FILE = "bem_weights.safetensors"
+FORMAT_VERSION = 1
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the ModuleList with one entry per hidden layer."""
+    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return name, module
+    raise ValueError(f"cannot find the {n_layers} decoder blocks of {type(model).__name__}")
+
+
+def hidden_size(model: nn.Module) -> int:
+    cfg = model.config
+    return getattr(cfg, "hidden_size", None) or cfg.n_embd
+
+
+def _block_index(name: str, blocks_prefix: str) -> int | None:
+    m = re.match(re.escape(blocks_prefix) + r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def bem_layers(model: nn.Module) -> dict[str, BEMLayer]:
+    """Every BEM site of the model by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, BEMLayer)}
+
+
+def bem_runtime(model: nn.Module) -> BEMRuntime:
+    runtime = getattr(model, "_bem_runtime", None)
+    if runtime is None:
+        raise ValueError(f"{type(model).__name__} has no BEM attached; call attach_bem(model, config) first")
+    return runtime
+
+
+def bem_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable BEM tensors only (site U/V and the controller), keyed by module name."""
+    out = {f"{name}.{p}": getattr(layer, p) for name, layer in bem_layers(model).items() for p in ("U", "V")}
+    controller = getattr(model, "bem_controller", None)
+    if controller is not None:
+        out.update({f"bem_controller.{k}": v for k, v in controller.state_dict().items()})
+    return out
+
+
+def attach_bem(model: nn.Module, config: BEMConfig) -> nn.Module:
+    """Wrap the matching sites in BEMLayer, add the controller, freeze the base. Returns `model`.
+
+    The model is still called the Hugging Face way; it also takes `bem_prompt_len` (int or (B,)
+    real-token prompt lengths) and `bem_side` ((B, side_dim) side inputs) as keyword arguments.
+    """
+    if getattr(model, "_bem_runtime", None) is not None:
+        raise ValueError("BEM is already attached to this model")
+    blocks_prefix, blocks = find_blocks(model)
+    if config.read_layer > len(blocks):
+        raise BEMConfigError(f"{config.source + ': ' if config.source else ''}BEMConfig.read_layer = "
+                             f"{config.read_layer} is not allowed; this model has {len(blocks)} blocks (0..{len(blocks)})")
+    if config.layers is not None and max(config.layers) >= len(blocks):
+        raise BEMConfigError(f"BEMConfig.layers = {list(config.layers)} is not allowed; block indices go 0..{len(blocks) - 1}")
+    model.requires_grad_(False)
+
+    targets = []
+    linear_names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        linear_names.append(name)
+        block = _block_index(name, blocks_prefix)
+        if block is None or (config.layers is not None and block not in config.layers):
+            continue
+        if any(_matches(name, p) for p in config.sites):
+            targets.append((name, block))
+    if not targets:
+        examples = sorted({n.split(".", 2)[-1] if n.startswith(blocks_prefix) else n for n in linear_names})
+        raise BEMConfigError(f"BEMConfig.sites = {list(config.sites)} matches no linear layer of "
+                             f"{type(model).__name__}; layer names include {examples[:12]}")
+
+    routed = config.controller != "static"
+    n_routed = sum(block >= config.read_layer for _, block in targets) if routed else 0
+    controller = None
+    if n_routed:
+        controller = Controller(hidden_size(model), config.side_dim, config.controller_hidden, n_routed, config.rank)
+        controller.to(next(model.parameters()).device)
+        model.bem_controller = controller
+    runtime = BEMRuntime(config, controller)
+
+    index = 0
+    for name, block in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = BEMLayer(getattr(parent, child), config.rank, config.alpha, config.tau_sigma, config.tau_fro)
+        if routed and block >= config.read_layer:
+            layer.site_index = index
+            index += 1
+        layer._runtime = runtime
+        setattr(parent, child, layer)
+    if routed and n_routed < len(targets):
+        log.info("BEM: %d sites in blocks before read_layer=%d use c ≡ 1", len(targets) - n_routed, config.read_layer)
+
+    if controller is not None:
+        read_module = model.get_input_embeddings() if config.read_layer == 0 else blocks[config.read_layer - 1]
+        runtime.hook = read_module.register_forward_hook(
+            lambda _m, _i, out: runtime.read(out[0] if isinstance(out, tuple) else out))
+    model._bem_runtime = runtime
+    model.bem_config = config
+    _wrap_forward(model, runtime)
+    return model
+
+
+def _wrap_forward(model: nn.Module, runtime: BEMRuntime) -> None:
+    """Give the model's forward the keyword arguments `bem_prompt_len` and `bem_side`.
+
+    The signature is extended (not hidden behind **kwargs) so that `generate` accepts these
+    arguments and passes them on to every step.
+    """
+    original = model.forward
+    signature = inspect.signature(original)
+    var_kw_name = next((p.name for p in signature.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD), None)
+
+    @functools.wraps(original)
+    def forward(*args, bem_prompt_len=None, bem_side=None, **kwargs):
+        if not runtime.enabled or runtime.controller is None:
+            return original(*args, **kwargs)
+        bound = dict(signature.bind_partial(*args, **kwargs).arguments)
+        bound.update(bound.pop(var_kw_name, None) or {})
+        tokens = bound.get("input_ids")
+        if tokens is None:
+            tokens = bound.get("inputs_embeds")
+        # transformers 5.24 names the cache `cache`; `past_key_values` is its deprecated alias
+        cache = bound.get("cache", bound.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        runtime.begin_call(tokens.shape[0], tokens.shape[1], tokens.device, bound.get("attention_mask"),
+                           int(past), bem_prompt_len, bem_side)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            runtime.end_call()
+
+    params = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in ("bem_prompt_len", "bem_side")]
+    var_kw = [p for p in signature.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD]
+    forward.__signature__ = signature.replace(parameters=params + extra + var_kw)
+    model.forward = forward
+
+
+def set_bem_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every BEM site (and the controller) on or off; off gives the base model's output exactly."""
+    runtime = bem_runtime(model)
+    runtime.enabled = enabled
+    for layer in bem_layers(model).values():
+        layer.enabled = enabled
+
+
+@contextlib.contextmanager
+def bem_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """`with bem_disabled(model): ...` runs the frozen base model."""
+    was = bem_runtime(model).enabled
+    set_bem_enabled(model, False)
+    try:
+        yield model
+    finally:
+        set_bem_enabled(model, was)
+
+
+def _fingerprint(model: nn.Module) -> dict:
+    cfg = model.config
+    return {"architecture": type(model).__name__, "hidden_size": hidden_size(model),
+            "num_layers": len(find_blocks(model)[1]), "vocab_size": getattr(cfg, "vocab_size", None)}
+
+
+def save_bem(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the BEM tensors as safetensors plus a JSON config; written atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config: BEMConfig = model.bem_config
+    meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "base": _fingerprint(model)}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in bem_state_dict(model).items()}
+    for filename, write in ((WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "bem"})),
+                            (CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))):
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{filename}.")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, directory / filename)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return directory
+
+
+def load_bem(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Attach BEM from `directory` (written by save_bem) onto a fresh base model. Never unpickles."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; a BEM checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    meta = json.loads(config_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{config_path}: format_version = {meta.get('format_version')!r}; this BEM reads {FORMAT_VERSION}")
+    base = _fingerprint(model)
+    if meta.get("base") != base:
+        raise ValueError(f"{config_path}: saved for base {meta.get('base')}, but the model is {base}")
+    attach_bem(model, BEMConfig.from_dict(meta["config"], source=str(config_path)))
+    tensors = load_file(str(weights_path))
+    own = bem_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+    with torch.no_grad():
+        for key, target in own.items():
+            if tensors[key].shape != target.shape:
+                raise ValueError(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, "
+                                 f"expected {tuple(target.shape)}")
+            target.copy_(tensors[key])
+    return model

