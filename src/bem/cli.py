@@ -1,0 +1,54 @@
+"""The `bem` command."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bem.demo import DemoArgs, run_demo
+
+    demo = DemoArgs(out=Path(args.out), model=args.model, seed=args.seed)
+    if args.steps is not None:
+        demo.steps = args.steps
+    if not args.quick:
+        logging.getLogger("bem").warning("the full experiment runner is not built yet; running the quick job")
+    r = run_demo(demo)
+    print(f"task: {r['task']}  ({r['train_items']} train / {r['eval_items']} held-out synsets)")
+    print(f"BEM trainable parameters: {r['trainable_parameters']:,}, {r['steps']} steps")
+    print(f"held-out target-token loss: base {r['eval_target_loss_base']:.3f} -> BEM {r['eval_target_loss_bem']:.3f} "
+          f"(perplexity {r['eval_perplexity_base']:.1f} -> {r['eval_perplexity_bem']:.1f})")
+    print(f"sample: {r['sample']['word']!r} -> {r['sample']['bem_output']!r}  (reference: {r['sample']['reference']!r})")
+    print(f"wrote {demo.out / 'result.json'} and {demo.out / 'adapter'} in {r['wall_seconds']:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bem", description="Basis Extension Modules: train and judge "
+                                     "context-routed low-rank modules on frozen language models.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="train and evaluate (for now: the quick demo job)")
+    run.add_argument("--quick", action="store_true", help="the embedded default: SmolLM2-135M, minutes on a CPU")
+    run.add_argument("--out", default="runs/quick", help="run folder (default: runs/quick)")
+    run.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder")
+    run.add_argument("--steps", type=int, default=None, help="training steps (default: 60)")
+    run.add_argument("--seed", type=int, default=0)
+    run.set_defaults(func=cmd_run)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.version:
+        from bem import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""WordNet 3.0 from Debian's `wordnet-base`, parsed directly from the data.* files (format: wndb(5WN))."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+WORDNET_DIR = Path("/usr/share/wordnet")
+INSTALL = "apt-get install wordnet-base   (or: make setup)"
+POS_FILES = {"n": "data.noun", "v": "data.verb", "a": "data.adj", "s": "data.adj", "r": "data.adv"}
+
+
+@dataclass(frozen=True)
+class Synset:
+    offset: str
+    pos: str
+    lemmas: tuple[str, ...]
+    definition: str
+    examples: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        return f"{self.pos}{self.offset}"
+
+
+def parse_line(line: str) -> Synset:
+    """One data-file line: `offset lex_filenum ss_type w_cnt word lex_id ... | gloss`."""
+    head, _, gloss = line.partition(" | ")
+    fields = head.split()
+    offset, ss_type, w_cnt = fields[0], fields[2], int(fields[3], 16)
+    lemmas = tuple(fields[4 + 2 * i].replace("_", " ") for i in range(w_cnt))
+    parts = [p.strip() for p in gloss.strip().split("; ")]
+    definition = "; ".join(p for p in parts if not p.startswith('"'))
+    examples = tuple(p.strip('"') for p in parts if p.startswith('"'))
+    return Synset(offset, ss_type, lemmas, definition, examples)
+
+
+def read_synsets(pos: str = "n", root: Path = WORDNET_DIR) -> list[Synset]:
+    path = Path(root) / POS_FILES[pos]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: WordNet comes from the Debian package wordnet-base; "
+                                f"install it with: {INSTALL}")
+    with path.open(encoding="utf-8", errors="replace") as f:
+        return [parse_line(line) for line in f if not line.startswith("  ")]

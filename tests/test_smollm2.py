@@ -1,0 +1,63 @@
+"""Integration tests on the real embedded SmolLM2-135M-Instruct, at tiny budgets."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bem import BEMConfig, attach_bem
+from bem.demo import definition_items, encode
+from bem.models import load_base
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    return load_base("smollm2-135m")
+
+
+def test_loads_offline_and_answers(smollm2):
+    model, tok = smollm2
+    assert type(model).__name__ == "LlamaForCausalLM" and model.num_parameters() == 134_515_008
+    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_bem_training_lowers_loss_on_real_data(smollm2):
+    base, tok = smollm2
+    model, _ = load_base("smollm2-135m")  # a fresh copy: attach_bem changes the model in place
+    attach_bem(model, BEMConfig(rank=8, alpha=16, controller="chunk", chunk_size=8))
+    batch = encode(tok, definition_items(4, 0)["train"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    with torch.no_grad():
+        before = model(**batch).loss.item()
+    torch.manual_seed(0)
+    for _ in range(6):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = model(**batch).loss.item()
+    assert after < before - 0.3, (before, after)
+    frozen = dict(base.named_parameters())
+    assert all(torch.equal(p, frozen[n.replace(".base_layer", "")])
+               for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_readme_example_runs(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## Python example\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 12
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "runs/example-adapter/bem_weights.safetensors").is_file()
