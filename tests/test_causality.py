@@ -89,3 +89,9 @@ def test_prompt_must_be_in_first_call(arch):
     ids = torch.randint(3, 128, (1, 8))
     with pytest.raises(ValueError, match="whole prompt"):
         model(ids[:, :4], use_cache=True, bem_prompt_len=8)
+
+
+def test_beam_search_is_refused_not_wrong():
+    model = routed_tiny("llama")
+    with pytest.raises(NotImplementedError, match="num_beams=2"):
+        model.generate(torch.tensor([[5, 6, 7]]), num_beams=2, max_new_tokens=3, pad_token_id=0)

@@ -172,6 +172,19 @@ def _wrap_forward(model: nn.Module, runtime: BEMRuntime) -> None:
     forward.__signature__ = signature.replace(parameters=params + extra + var_kw)
     model.forward = forward
 
+    original_generate = model.generate
+
+    @functools.wraps(original_generate)
+    def generate(*args, **kwargs):
+        config = kwargs.get("generation_config") or model.generation_config
+        beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+        if beams > 1 and runtime.enabled and runtime.controller is not None:
+            raise NotImplementedError(f"num_beams={beams}: beam search reorders the KV cache across beams and "
+                                      "BEM's routing state does not follow it yet; use greedy or sampling")
+        return original_generate(*args, **kwargs)
+
+    model.generate = generate
+
 
 def set_bem_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch every BEM site (and the controller) on or off; off gives the base model's output exactly."""
