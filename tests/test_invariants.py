@@ -98,3 +98,34 @@ def test_mixed_batch_equals_each_sequence_alone(arch):
             codes.append(model._bem_runtime.state.code)
             assert (batch[i, :n] - alone[0]).abs().max() <= 1e-5
     assert (codes[0] - codes[1]).abs().max() > 1e-3  # the rows really were routed differently
+
+
+def test_mask_selects_basis_directions(arch):
+    """Static BEM with mask m equals LoRA of rank k built from the kept columns of U and V."""
+    model = attach_bem(tiny(arch), BEMConfig(rank=4, alpha=8, sites=SITES[arch], controller="static"))
+    small = attach_bem(tiny(arch), BEMConfig(rank=2, alpha=4, sites=SITES[arch], controller="static"))  # same s = 2
+    keep = torch.tensor([0, 2])
+    with torch.no_grad():
+        for (name, layer), other in zip(bem_layers(model).items(), bem_layers(small).values()):
+            layer.U.normal_(0, 0.3)
+            other.U.copy_(layer.U[:, keep])
+            other.V.copy_(layer.V[:, keep])
+        ids = _ids()
+        mask = torch.tensor([[1.0, 0, 1, 0]] * 2)
+        masked = model(ids, bem_mask=mask).logits
+        assert (masked - small(ids).logits).abs().max() <= 1e-5
+        assert torch.equal(model(ids, bem_mask=torch.ones(2, 4)).logits, model(ids).logits)
+        assert torch.equal(model(ids, bem_mask=torch.zeros(2, 4)).logits, tiny(arch)(ids).logits)
+
+
+def test_per_example_masks_with_routed_codes_equal_each_alone(arch):
+    model = routed_tiny(arch)
+    ids, side = _ids(2, 14, seed=8), torch.randn(2, 3)
+    mask = torch.tensor([[1.0, 1, 0, 0], [0, 1, 1, 1]])
+    with torch.no_grad():
+        batch = model(ids, bem_prompt_len=5, bem_side=side, bem_mask=mask).logits
+        for i in range(2):
+            alone = model(ids[i:i + 1], bem_prompt_len=5, bem_side=side[i:i + 1], bem_mask=mask[i:i + 1]).logits
+            assert (batch[i] - alone[0]).abs().max() <= 1e-5
+        unmasked = model(ids, bem_prompt_len=5, bem_side=side).logits
+    assert (unmasked - batch).abs().max() > 1e-3

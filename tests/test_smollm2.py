@@ -61,3 +61,14 @@ def test_readme_example_runs(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "runs/example-adapter/bem_weights.safetensors").is_file()
+
+
+def test_local_folder_loads_like_the_embedded_name(smollm2, tmp_path):
+    from bem.models import embedded_path
+
+    model, _ = load_base(str(embedded_path("smollm2-135m")))
+    ids = torch.tensor([[19556, 905, 28, 253]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, smollm2[0](ids).logits)
+    with pytest.raises(FileNotFoundError, match="neither an embedded name"):
+        load_base(str(tmp_path / "missing"))

@@ -76,8 +76,9 @@ def bem_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def attach_bem(model: nn.Module, config: BEMConfig) -> nn.Module:
     """Wrap the matching sites in BEMLayer, add the controller, freeze the base. Returns `model`.
 
-    The model is still called the Hugging Face way; it also takes `bem_prompt_len` (int or (B,)
-    real-token prompt lengths) and `bem_side` ((B, side_dim) side inputs) as keyword arguments.
+    The model is still called the Hugging Face way; it also takes as keyword arguments
+    `bem_prompt_len` (int or (B,) real-token prompt lengths), `bem_side` ((B, side_dim) side inputs)
+    and `bem_mask` ((B, r) per-example mask m on the basis directions).
     """
     if getattr(model, "_bem_runtime", None) is not None:
         raise ValueError("BEM is already attached to this model")
@@ -138,7 +139,7 @@ def attach_bem(model: nn.Module, config: BEMConfig) -> nn.Module:
 
 
 def _wrap_forward(model: nn.Module, runtime: BEMRuntime) -> None:
-    """Give the model's forward the keyword arguments `bem_prompt_len` and `bem_side`.
+    """Give the model's forward the keyword arguments `bem_prompt_len`, `bem_side` and `bem_mask`.
 
     The signature is extended (not hidden behind **kwargs) so that `generate` accepts these
     arguments and passes them on to every step.
@@ -148,8 +149,8 @@ def _wrap_forward(model: nn.Module, runtime: BEMRuntime) -> None:
     var_kw_name = next((p.name for p in signature.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD), None)
 
     @functools.wraps(original)
-    def forward(*args, bem_prompt_len=None, bem_side=None, **kwargs):
-        if not runtime.enabled or runtime.controller is None:
+    def forward(*args, bem_prompt_len=None, bem_side=None, bem_mask=None, **kwargs):
+        if not runtime.enabled:
             return original(*args, **kwargs)
         bound = dict(signature.bind_partial(*args, **kwargs).arguments)
         bound.update(bound.pop(var_kw_name, None) or {})
@@ -160,14 +161,14 @@ def _wrap_forward(model: nn.Module, runtime: BEMRuntime) -> None:
         cache = bound.get("cache", bound.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         runtime.begin_call(tokens.shape[0], tokens.shape[1], tokens.device, bound.get("attention_mask"),
-                           int(past), bem_prompt_len, bem_side)
+                           int(past), bem_prompt_len, bem_side, bem_mask)
         try:
             return original(*args, **kwargs)
         finally:
             runtime.end_call()
 
     params = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in ("bem_prompt_len", "bem_side")]
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in ("bem_prompt_len", "bem_side", "bem_mask")]
     var_kw = [p for p in signature.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD]
     forward.__signature__ = signature.replace(parameters=params + extra + var_kw)
     model.forward = forward

@@ -60,12 +60,17 @@ class BEMLayer(nn.Module):
         return code * factor.unsqueeze(-1)
 
     def token_coefficients(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token coefficients (B, T, r), or (r,) when every token shares one code."""
+        """Coefficients c ⊙ m (trust region applied): (B, T, r) per token, (B, 1, r) per example, or (r,)."""
         runtime = self._runtime
+        mask = None if runtime is None else runtime.mask
+        if mask is not None:
+            mask = mask.to(device=x.device, dtype=self.U.dtype).unsqueeze(1)  # (B, 1, r)
         if self.site_index is None or runtime is None or runtime.config.controller == "static":
-            return self.coefficients(torch.ones(self.rank, device=x.device, dtype=self.U.dtype))
+            code = torch.ones(self.rank, device=x.device, dtype=self.U.dtype) if mask is None else mask
+            return self.coefficients(code)
         codes, segment = runtime.site_codes(self.site_index)  # (B, K, r), (B, T)
-        coef = self.coefficients(codes.to(self.U.dtype))
+        codes = codes.to(self.U.dtype)
+        coef = self.coefficients(codes if mask is None else codes * mask)
         if x.dim() != 3 or segment.shape != x.shape[:2]:
             raise RuntimeError(f"BEM site got input of shape {tuple(x.shape)} but the controller "
                                f"routed tokens of shape {tuple(segment.shape)}")

@@ -25,6 +25,7 @@ class CallInputs:
     fresh: bool  # no cached tokens before this call: a new stream starts
     prompt_len: torch.Tensor | None  # (B,) real-token prompt lengths, or None
     side: torch.Tensor | None  # (B, side_dim) side inputs, or None
+    mask: torch.Tensor | None  # (B, r) mask m on the basis directions, or None
 
 
 @dataclass
@@ -57,7 +58,7 @@ class BEMRuntime:
 
     # --- call bookkeeping -------------------------------------------------------------------
     def begin_call(self, batch: int, seq: int, device: torch.device, attention_mask, past_len: int,
-                   prompt_len, side) -> None:
+                   prompt_len, side, mask=None) -> None:
         if attention_mask is not None and attention_mask.dim() == 2:
             valid = attention_mask[:, -seq:].to(device=device).bool()
         else:
@@ -73,7 +74,15 @@ class BEMRuntime:
             if side.dim() != 2 or side.shape != (batch, d):
                 raise ValueError(f"bem_side must have shape (batch, side_dim) = ({batch}, {d}), "
                                  f"got {tuple(side.shape)}")
-        self._call = CallInputs(valid=valid, fresh=past_len == 0, prompt_len=prompt_len, side=side)
+        if mask is not None and (mask.dim() != 2 or mask.shape != (batch, self.config.rank)):
+            raise ValueError(f"bem_mask must have shape (batch, rank) = ({batch}, {self.config.rank}), "
+                             f"got {tuple(mask.shape)}")
+        self._call = CallInputs(valid=valid, fresh=past_len == 0, prompt_len=prompt_len, side=side, mask=mask)
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The call's per-example mask m (B, r), if one was given."""
+        return None if self._call is None else self._call.mask
 
     def end_call(self) -> None:
         self._call = self._codes = self._segment = None
