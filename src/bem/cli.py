@@ -25,6 +25,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from bem.data.prepare import check_leakage, prepare
+
+    root = Path(args.out) if args.out else None
+    manifest = prepare(args.tasks, root)
+    for name, entry in manifest["tasks"].items():
+        if args.tasks and name not in args.tasks:
+            continue
+        leaks = check_leakage(name, root)
+        counts = " / ".join(f"{entry['counts'][s]:,} {s}" for s in ("train", "dev", "test"))
+        print(f"{name:16s} {entry['status']:10s} {counts}   leakage {leaks}")
+        if any(leaks.values()):
+            print(f"error: {name} test items leak into train: {leaks}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bem", description="Basis Extension Modules: train and judge "
                                      "context-routed low-rank modules on frozen language models.")
@@ -37,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--steps", type=int, default=None, help="training steps (default: 60)")
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(func=cmd_run)
+    data = sub.add_parser("data", help="build the task suite").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="build every task's JSONL splits and manifest (idempotent)")
+    prep.add_argument("--tasks", nargs="+", default=None, help="task names (default: all)")
+    prep.add_argument("--out", default=None, help="data folder (default: $BEM_DATA or ~/.cache/bem/data/v1)")
+    prep.set_defaults(func=cmd_data_prepare)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.version:

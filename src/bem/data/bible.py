@@ -10,7 +10,8 @@ SPANISH, ENGLISH = "spaRV1909eb", "engWEB2015eb"
 DEBIAN = {SPANISH: "sword-text-sparv", ENGLISH: "sword-text-web"}
 INSTALL = "apt-get install diatheke sword-text-sparv sword-text-web   (or: make setup)"
 RANGE = "Genesis 1:1-Revelation 22:21"
-_REF = re.compile(r"((?:[1-3] )?[A-Z][A-Za-z]*(?: (?:of )?[A-Z][A-Za-z]*)* \d+:\d+): ")
+# A reference starts its line, or follows a heading (diatheke puts two spaces after it) or a tag.
+_REF = re.compile(r"(?:^|(?<=\s\s)|(?<=>))((?:[1-3] )?[A-Z][A-Za-z]*(?: (?:of )?[A-Z][A-Za-z]*)* \d+:\d+): ")
 _TAG = re.compile(r"<[^>]+>")
 
 

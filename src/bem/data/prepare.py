@@ -1,0 +1,223 @@
+"""`bem data prepare`: build each task into a versioned data folder of JSONL splits plus a manifest.
+
+Layout: DATA_ROOT/<task>/{train,dev,test}.jsonl and DATA_ROOT/manifest.json (counts, source package
+versions, sha256 of every file, the fingerprint of what built it). A task whose fingerprint and
+file hashes match the manifest is skipped; each task is written to a temporary folder and renamed,
+so a crash leaves the previous version or nothing, never half a task.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bem.data import bible, wordnet
+from bem.models import cache_dir
+
+log = logging.getLogger(__name__)
+
+DATA_VERSION = "v1"
+SPLITS = ("train", "dev", "test")
+
+
+def data_root() -> Path:
+    """$BEM_DATA, else <BEM cache>/data/<DATA_VERSION>."""
+    return Path(os.environ["BEM_DATA"]) if os.environ.get("BEM_DATA") else cache_dir() / "data" / DATA_VERSION
+
+
+def split_of(key: str, test: int = 10, dev: int = 5) -> str:
+    """Deterministic split from the sha256 of a stable key: test% / dev% / rest train."""
+    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100
+    return "test" if bucket < test else "dev" if bucket < test + dev else "train"
+
+
+def debian_version(package: str) -> str:
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise FileNotFoundError(f"Debian package {package} is not installed; install it with: "
+                                f"apt-get install {package}   (or: make setup)")
+    return result.stdout
+
+
+def pypi_version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"PyPI package {package} is not installed; install it with: "
+                                f"pip install {package}   (or: make setup)") from None
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    version: int  # bump when the builder's output changes
+    sources: Callable[[], dict[str, str]]  # package -> version (raises naming the install command)
+    build: Callable[[], dict[str, list[dict]]]  # split -> items, each with a unique "id"
+
+
+# --- builders ----------------------------------------------------------------------------------
+def build_bible_translate() -> dict[str, list[dict]]:
+    """es→en verses, split by book (hash of the book name) so no test verse's book is in train."""
+    out = {s: [] for s in SPLITS}
+    for ref, spanish, english in bible.aligned_verses():
+        book = bible.book_of(ref)
+        out[split_of("book:" + book, test=12, dev=4)].append(
+            {"id": ref, "book": book, "source": spanish, "target": english})
+    return out
+
+
+def _wordnet_entries() -> list[wordnet.Synset]:
+    return [s for pos in ("n", "v", "a", "r") for s in wordnet.read_synsets(pos) if s.definition]
+
+
+POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
+
+
+def build_wordnet_define() -> dict[str, list[dict]]:
+    """word (+ part of speech) → gloss; split by lemma so no test word is a training word."""
+    out = {s: [] for s in SPLITS}
+    for s in _wordnet_entries():
+        word = s.lemmas[0]
+        out[split_of("lemma:" + word.lower())].append(
+            {"id": s.id, "word": word, "pos": POS_NAMES[s.pos], "target": s.definition})
+    return out
+
+
+def build_json_format() -> dict[str, list[dict]]:
+    """A WordNet entry in dictionary style → a JSON object with fixed fields; split by lemma."""
+    out = {s: [] for s in SPLITS}
+    for s in _wordnet_entries():
+        word = s.lemmas[0]
+        fields = {"word": word, "pos": POS_NAMES[s.pos], "definition": s.definition,
+                  "synonyms": list(s.lemmas[1:4]), "example": s.examples[0] if s.examples else ""}
+        text = f"{word} ({POS_NAMES[s.pos]}): {s.definition}"
+        if fields["synonyms"]:
+            text += f". Also: {', '.join(fields['synonyms'])}"
+        if fields["example"]:
+            text += f'. Example: "{fields["example"]}"'
+        out[split_of("lemma:" + word.lower())].append({"id": s.id, "source": text, "target": fields})
+    return out
+
+
+TASKS: dict[str, Task] = {
+    "bible_translate": Task("bible_translate", 1,
+                            lambda: {p: debian_version(p) for p in ("diatheke", "sword-text-sparv", "sword-text-web")},
+                            build_bible_translate),
+    "wordnet_define": Task("wordnet_define", 1, lambda: {"wordnet-base": debian_version("wordnet-base")},
+                           build_wordnet_define),
+    "json_format": Task("json_format", 1, lambda: {"wordnet-base": debian_version("wordnet-base")},
+                        build_json_format),
+}
+
+
+# --- writing -----------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fingerprint(task: Task, sources: dict[str, str]) -> str:
+    blob = json.dumps({"task": task.name, "version": task.version, "sources": sources}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _up_to_date(root: Path, entry: dict | None, fingerprint: str) -> bool:
+    if not entry or entry.get("fingerprint") != fingerprint:
+        return False
+    files = entry.get("files", {})
+    return all((root / name).is_file() and _sha256(root / name) == digest for name, digest in files.items())
+
+
+def _write_task(root: Path, task: Task, items: dict[str, list[dict]]) -> dict:
+    ids = [item["id"] for split in SPLITS for item in items[split]]
+    if len(ids) != len(set(ids)):
+        raise ValueError(f"task {task.name}: item ids are not unique")
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{task.name}-"))
+    try:
+        files = {}
+        for split in SPLITS:
+            path = tmp / f"{split}.jsonl"
+            with path.open("w", encoding="utf-8") as f:
+                for item in items[split]:
+                    f.write(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n")
+            files[f"{task.name}/{split}.jsonl"] = _sha256(path)
+        final = root / task.name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"counts": {s: len(items[s]) for s in SPLITS}, "files": files}
+
+
+def prepare(tasks: list[str] | None = None, root: Path | None = None) -> dict:
+    """Build the named tasks (default: all) under `root`; returns the manifest."""
+    root = Path(root) if root is not None else data_root()
+    names = list(TASKS) if tasks is None else tasks
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"tasks": {}}
+    manifest["data_version"] = DATA_VERSION
+    for name in names:
+        task = TASKS[name]
+        sources = task.sources()
+        fingerprint = _fingerprint(task, sources)
+        if _up_to_date(root, manifest["tasks"].get(name), fingerprint):
+            log.info("%s: up to date (fingerprint %s), nothing to do", name, fingerprint)
+            manifest["tasks"][name]["status"] = "up to date"
+            continue
+        start = time.perf_counter()
+        entry = _write_task(root, task, task.build())
+        entry.update(fingerprint=fingerprint, sources=sources, builder_version=task.version,
+                     seconds=round(time.perf_counter() - start, 1), status="built")
+        manifest["tasks"][name] = entry
+        log.info("%s: built %s in %.1f s", name, entry["counts"], entry["seconds"])
+        _write_manifest(manifest_path, manifest)  # after each task: finished work survives a crash
+    _write_manifest(manifest_path, manifest)
+    return manifest
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_split(task: str, split: str, root: Path | None = None) -> list[dict]:
+    root = Path(root) if root is not None else data_root()
+    path = root / task / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; build it with: bem data prepare --tasks {task}")
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+LEAKAGE_KEYS = {"bible_translate": ("book", "source"), "wordnet_define": ("word",),
+                "json_format": ("target.word",)}
+
+
+def _get(item: dict, key: str):
+    for part in key.split("."):
+        item = item[part]
+    return item.lower() if isinstance(item, str) else item
+
+
+def check_leakage(task: str, root: Path | None = None) -> dict[str, int]:
+    """Count test items whose grouping key (book, verse text, word) also occurs in train; must be all 0."""
+    train, test = read_split(task, "train", root), read_split(task, "test", root)
+    report = {}
+    for key in LEAKAGE_KEYS[task]:
+        seen = {_get(item, key) for item in train}
+        report[key] = sum(_get(item, key) in seen for item in test)
+    return report
