@@ -42,12 +42,13 @@ def test_bible_split_by_book_has_no_leakage(monkeypatch, tmp_path):
               for book in ("Genesis", "Exodus", "Ruth", "Job", "Mark", "Acts", "Jude", "1 John", "Titus", "Hosea",
                            "Amos", "Micah", "Nahum", "Joel", "Romans", "James")
               for c in (1, 2) for v in (1, 2, 3)]
+    verses.append(("Mark 9:9", "es Genesis 1 1", "a verse repeated word for word in another book"))
     monkeypatch.setattr(bible, "aligned_verses", lambda: verses)
     monkeypatch.setitem(prep.TASKS, "bible_translate",
                         prep.Task("bible_translate", 1, lambda: {"fake": "1"}, prep.build_bible_translate))
     manifest = prep.prepare(["bible_translate"], tmp_path)
     counts = manifest["tasks"]["bible_translate"]["counts"]
-    assert sum(counts.values()) == len(verses) and counts["test"] > 0 and counts["train"] > 0
+    assert sum(counts.values()) >= len(verses) - 1 and counts["test"] > 0 and counts["train"] > 0
     assert prep.check_leakage("bible_translate", tmp_path) == {"book": 0, "source": 0}
     books = {s: {i["book"] for i in prep.read_split("bible_translate", s, tmp_path)} for s in prep.SPLITS}
     assert not books["test"] & books["train"]
