@@ -72,3 +72,23 @@ def test_local_folder_loads_like_the_embedded_name(smollm2, tmp_path):
         assert torch.equal(model(ids).logits, smollm2[0](ids).logits)
     with pytest.raises(FileNotFoundError, match="neither an embedded name"):
         load_base(str(tmp_path / "missing"))
+
+
+def test_collate_masks_prompt_and_padding_and_carries_side(smollm2):
+    from bem.data.batches import Example, collate, prompt_ids
+
+    _, tok = smollm2
+    examples = [Example("Define the word: dog", "a domesticated canine", side=(0.5, 1.0)),
+                Example("Translate: hola", "hello", side=(0.1, 0.2))]
+    batch = collate(tok, examples)
+    for i, ex in enumerate(examples):
+        n_prompt = len(prompt_ids(tok, ex.prompt))
+        assert batch["bem_prompt_len"][i] == n_prompt
+        assert (batch["labels"][i, :n_prompt] == -100).all()
+        target = batch["labels"][i][batch["labels"][i] != -100]
+        assert tok.decode(target) == ex.target + tok.eos_token
+        n = int(batch["attention_mask"][i].sum())
+        assert (batch["labels"][i, n:] == -100).all() and batch["attention_mask"][i, :n].all()
+    assert batch["bem_side"].tolist() == [[0.5, 1.0], [0.10000000149011612, 0.20000000298023224]]
+    with pytest.raises(ValueError, match="every example"):
+        collate(tok, [examples[0], Example("x", "y")])

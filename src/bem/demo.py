@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bem import BEMConfig, attach_bem, bem_disabled, save_bem
+from bem.data.batches import Example, collate
 from bem.data.wordnet import read_synsets
 from bem.models import load_base
 
@@ -55,24 +56,8 @@ def _spread(items: list, n: int) -> list:
 
 
 def encode(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Chat-template prompts, loss on target tokens only, right padding, per-example prompt lengths."""
-    rows, prompt_lens = [], []
-    for word, gloss in pairs:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"Define the word: {word}"}],
-                                               add_generation_prompt=True, tokenize=True, return_dict=False)
-        prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
-        target = tokenizer(gloss + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        rows.append((prompt, target))
-        prompt_lens.append(len(prompt))
-    width = max(len(p) + len(t) for p, t in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (p, t) in enumerate(rows):
-        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
-        labels[i, len(p): len(p) + len(t)] = torch.tensor(t)
-        mask[i, : len(p) + len(t)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "bem_prompt_len": torch.tensor(prompt_lens)}
+    """Word → gloss pairs as a training batch (chat template, loss on the gloss only)."""
+    return collate(tokenizer, [Example(f"Define the word: {word}", gloss) for word, gloss in pairs])
 
 
 def target_loss(model, batches) -> float:
