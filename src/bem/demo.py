@@ -6,7 +6,6 @@ model, real data, measured numbers; no statistics or variants yet (those are the
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 
 from bem import BEMConfig, attach_bem, bem_disabled, save_bem
 from bem.data.batches import Example, collate
+from bem.data.prepare import split_of
 from bem.data.wordnet import read_synsets
 from bem.models import load_base
 
@@ -37,16 +37,13 @@ class DemoArgs:
     seed: int = 0
 
 
-def _split(synset_id: str) -> str:
-    """Deterministic split by hash of the stable synset id: 10% eval."""
-    return "eval" if int(hashlib.sha256(synset_id.encode()).hexdigest(), 16) % 10 == 0 else "train"
-
-
 def definition_items(n_train: int, n_eval: int) -> dict[str, list[tuple[str, str]]]:
     items = {"train": [], "eval": []}
     for s in read_synsets("n"):
         if len(s.lemmas[0].split()) == 1 and 3 <= len(s.definition.split()) <= 16:
-            items[_split(s.id)].append((s.lemmas[0], s.definition))
+            # held-out = the data suite's dev+test buckets of the same lemma, so no eval word is trained on
+            items["train" if split_of("lemma:" + s.lemmas[0].lower()) == "train" else "eval"].append(
+                (s.lemmas[0], s.definition))
     return {"train": _spread(items["train"], n_train), "eval": _spread(items["eval"], n_eval)}
 
 

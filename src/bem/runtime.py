@@ -130,7 +130,7 @@ class BEMRuntime:
                                  f"{st.prompt_len.tolist()} but the call holds {counts[:, 0].tolist()} prompt tokens")
             current = ctrl(ctrl.summarize(sums[:, 0], counts[:, 0]), st.side)
         last = torch.where(valid, rel, 0).amax(1)  # each sequence's last segment in this call
-        codes = [current]
+        codes, switched = [current], []
         if n_seg > 1:
             candidates = ctrl(ctrl.summarize(sums[:, :-1], counts[:, :-1]), st.side.unsqueeze(1).expand(-1, n_seg - 1, -1))
             for j in range(1, n_seg):
@@ -139,7 +139,8 @@ class BEMRuntime:
                 switch = switch & (st.chunk + j - 1 >= 0)  # the first chunk after the prompt keeps the prompt code
                 current = torch.where(switch[:, None, None], candidates[:, j - 1], current)
                 codes.append(current)
-                self.switches += int(switch[last >= j].sum())
+                switched.append((switch & (last >= j)).sum())
+            self.switches += int(torch.stack(switched).sum())  # one host sync per call, not per chunk
         self._codes = torch.stack(codes, 1)
         self._segment = rel
 
