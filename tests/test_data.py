@@ -23,11 +23,14 @@ def test_parse_osis_headings_continuations_tags():
 
 
 def test_parse_wordnet_line():
-    line = ("02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 023 @ 02083346 n 0000 | a member of the "
+    line = ("02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 001 @ 02083346 n 0000 | a member of the "
             'genus Canis; "the dog barked all night"')
     s = parse_line(line)
     assert s.id == "n02084071" and s.lemmas == ("dog", "domestic dog", "Canis familiaris")
     assert s.definition == "a member of the genus Canis" and s.examples == ("the dog barked all night",)
+    assert s.hypernyms == ("n02083346",)
+    adj = parse_line("00001740 00 a 01 able(a) 0 002 = 05207437 n 0000 ! 00002098 a 0101 | (usually followed by `to')")
+    assert adj.lemmas == ("able",) and adj.hypernyms == ()
 
 
 def test_split_is_deterministic_and_proportional():

