@@ -9,7 +9,7 @@ from bem.data.wordnet import parse_line
 OSIS = """Genesis 1:1: <w>EN el principio</w> <w>crió</w> <w>Dios</w>.<milestone type="line"/>
 The Creation Of All.  Genesis 1:2: <w>Y la tierra</w> estaba
 <w>desordenada</w> &amp; vacía.
-1 Kings 3:4: Fué el rey<note>x</note> á Gabaón.
+1 Kings 3:4: Fué el rey<note>x</note> á Gabaón <w>ejército</w>se llamaba<w>Sísara</w>, <w>God</w><w>created</w>.
 (spaRV1909eb)
 """
 
@@ -18,7 +18,7 @@ def test_parse_osis_headings_continuations_tags():
     verses = bible.parse_osis(OSIS)
     assert verses == {"Genesis 1:1": "EN el principio crió Dios.",
                       "Genesis 1:2": "Y la tierra estaba desordenada & vacía.",
-                      "1 Kings 3:4": "Fué el reyx á Gabaón."}
+                      "1 Kings 3:4": "Fué el reyx á Gabaón ejército se llamaba Sísara, God created."}
     assert bible.book_of("1 Kings 3:4") == "1 Kings"
 
 
@@ -100,3 +100,78 @@ def test_crash_while_building_leaves_no_half_written_task(monkeypatch, tmp_path)
 def test_unknown_task_is_named():
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['wordnet_qq'\]"):
         prep.prepare(["wordnet_qq"])
+
+
+def test_evidence_features_on_a_hand_made_set():
+    import numpy as np
+
+    from bem.data import wordnet_qa as qa
+
+    q = np.array([1.0, 0.0, 0.0])
+    docs = np.array([[0.8, 0.6, 0.0], [0.6, 0.8, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.6, 0.8]])
+    passages = ["a domestic dog barks", "a wild wolf howls", "cats purr"]
+    top1, margin, entropy, coverage, consistency = qa.evidence_features(q, docs, "Which dog barks loudly?", passages)
+    assert top1 == pytest.approx(0.8) and margin == pytest.approx(0.2)
+    p = np.exp((np.array([0.8, 0.6, 0, 0, 0]) - 0.8) / qa.ENTROPY_TEMPERATURE)
+    p /= p.sum()
+    assert entropy == pytest.approx(-(p * np.log(p + 1e-12)).sum() / np.log(5), abs=1e-6)
+    assert coverage == pytest.approx(2 / 3)  # dog, barks found; loudly not
+    assert consistency == pytest.approx((0.96 + 0.6 + 0.8) / 3)
+    # a swapped (unsorted) list gives the same scores as the sorted one
+    assert qa.evidence_features(q, docs[::-1].copy(), "x", passages)[:3] == pytest.approx([top1, margin, entropy])
+    assert qa.slice_a([0.9, 0.2, 0, 0, 0]) and not qa.slice_a([0.9, 0.01, 0, 0, 0])
+
+
+def test_exact_top_k_and_corruption():
+    import numpy as np
+
+    from bem.data import wordnet_qa as qa
+
+    rng = np.random.default_rng(0)
+    queries, docs = rng.normal(size=(50, 8)), rng.normal(size=(300, 8))
+    expected = np.argsort(-(queries @ docs.T), axis=1)[:, :5]
+    assert (qa.top_k(queries, docs, 5, block=7) == expected).all()
+    assert qa.corrupt("dog, domestic dog: a Dog that barks", ["dog", "domestic dog"], "teapot") == \
+        "teapot, teapot: a teapot that barks"
+
+
+def test_question_kinds_from_real_wordnet():
+    from bem.data import wordnet_qa as qa
+    from bem.data.wordnet import read_synsets
+
+    synsets = {s.id: s for s in read_synsets("n")}
+    dog = synsets["n02084071"]
+    kinds = {}
+    for s in list(synsets.values())[5000:5400]:
+        kind, text, answers = qa.question(s, synsets)
+        kinds[kind] = (text, answers, s)
+    assert set(kinds) == {"gloss", "hypernym", "example"}
+    text, answers, s = kinds["example"]
+    assert "___" in text and answers == [s.lemmas[0]] and s.lemmas[0].lower() not in text.lower().split()
+    assert "A kind of canine." in qa.document(dog, synsets)
+
+
+def test_safety_prompts_from_real_lexicons(monkeypatch):
+    from bem.data import safety
+
+    words = safety.word_list()
+    assert len(words) > 300 and all(w.isalpha() for w in words)
+    monkeypatch.setattr(bible, "aligned_verses", lambda: [("John 11:35", "Jesús lloró.", "Jesus wept.")])
+    out = safety.build(prep.split_of)
+    items = [it for split in out.values() for it in split]
+    assert len(items) == safety.N_PROMPTS >= 300 and len(out["test"]) >= 200
+    assert {it["kind"] for it in items} == {k for k, _ in safety.TEMPLATES}
+    assert all(any(w in it["prompt"] for w in words) for it in items[:50])
+
+
+def test_vqa_image_features_are_real_and_discriminative():
+    import easy_vqa
+    import numpy as np
+
+    from bem.data import vqa
+
+    paths = easy_vqa.get_train_image_paths()
+    feats = vqa.image_features([paths[i] for i in range(6)] + [paths[0]])
+    assert feats.shape == (7, 1280) and np.isfinite(feats).all()
+    assert np.allclose(feats[0], feats[6])  # deterministic
+    assert np.abs(feats[0] - feats[1]).max() > 1e-2  # different images, different features

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from bem import BEMConfig, attach_bem, bem_disabled, save_bem
 from bem.data.batches import Example, collate
 from bem.data.prepare import split_of
+from bem.metrics import normalize_answer
 from bem.data.wordnet import read_synsets
 from bem.models import load_base
 
@@ -42,7 +43,7 @@ def definition_items(n_train: int, n_eval: int) -> dict[str, list[tuple[str, str
     for s in read_synsets("n"):
         if len(s.lemmas[0].split()) == 1 and 3 <= len(s.definition.split()) <= 16:
             # held-out = the data suite's dev+test buckets of the same lemma, so no eval word is trained on
-            items["train" if split_of("lemma:" + s.lemmas[0].lower()) == "train" else "eval"].append(
+            items["train" if split_of("lemma:" + normalize_answer(s.lemmas[0])) == "train" else "eval"].append(
                 (s.lemmas[0], s.definition))
     return {"train": _spread(items["train"], n_train), "eval": _spread(items["eval"], n_eval)}
 

@@ -13,6 +13,9 @@ RANGE = "Genesis 1:1-Revelation 22:21"
 # A reference starts its line, or follows a heading (diatheke puts two spaces after it) or a tag.
 _REF = re.compile(r"(?:^|(?<=\s\s)|(?<=>))((?:[1-3] )?[A-Z][A-Za-z]*(?: (?:of )?[A-Z][A-Za-z]*)* \d+:\d+): ")
 _TAG = re.compile(r"<[^>]+>")
+# The modules glue untagged words to <w> elements ("<w>God</w><w>created</w>", "</w>se llamaba<w>"):
+# a word boundary at such a joint gets a space before the tags are stripped.
+_GLUED = re.compile(r"(?<=[\w,;:.!?>])(?=<w[\s>])|(?<=</w>)(?=\w)")
 
 
 def parse_osis(text: str) -> dict[str, str]:
@@ -28,7 +31,7 @@ def parse_osis(text: str) -> dict[str, str]:
             verses[current].append(line)
     out = {}
     for ref, parts in verses.items():
-        plain = html.unescape(_TAG.sub("", " ".join(parts)))
+        plain = html.unescape(_TAG.sub("", _GLUED.sub(" ", " ".join(parts))))
         plain = re.sub(r"\s+", " ", plain).strip()
         if plain:
             out[ref] = plain

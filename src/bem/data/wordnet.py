@@ -17,6 +17,7 @@ class Synset:
     definition: str
     examples: tuple[str, ...]
     hypernyms: tuple[str, ...] = ()  # ids ("n" + offset) of @ / @i pointers
+    lexfile: int = -1  # lexicographer file number (18 = noun.person)
 
     @property
     def id(self) -> str:
@@ -35,7 +36,7 @@ def parse_line(line: str) -> Synset:
     parts = [p.strip() for p in gloss.strip().split("; ")]
     definition = "; ".join(p for p in parts if not p.startswith('"'))
     examples = tuple(p.strip('"') for p in parts if p.startswith('"'))
-    return Synset(offset, ss_type, lemmas, definition, examples, hypernyms)
+    return Synset(offset, ss_type, lemmas, definition, examples, hypernyms, int(fields[1]))
 
 
 def _clean_lemma(word: str) -> str:
