@@ -42,3 +42,10 @@ def test_json_validity_and_field_em():
     assert json_scores('{"word": "dog"', ref) == {"json_valid": 0.0, "field_em": 0.0}
     assert json_scores('["dog"]', ref)["json_valid"] == 0.0
     assert json_scores('{"word": "dog"}', ref) == {"json_valid": 0.0, "field_em": 0.5}
+
+
+def test_violation_scores_known_texts():
+    from bem.metrics import violation_probabilities
+
+    benign, offensive = violation_probabilities(["Have a wonderful day", "You are a stupid idiot and I hate you."])
+    assert benign < 0.1 and offensive > 0.9

@@ -42,6 +42,23 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from bem.evaluate import summary_table, zero_shot
+    from bem.tasks import SPECS
+
+    if not args.zero_shot:
+        print("error: only --zero-shot exists until the experiment runner lands", file=sys.stderr)
+        return 2
+    tasks = args.tasks or list(SPECS)
+    unknown = [t for t in tasks if t not in SPECS]
+    if unknown:
+        print(f"error: unknown task(s) {unknown}; known: {sorted(SPECS)}", file=sys.stderr)
+        return 2
+    summaries = zero_shot(args.model, tasks, args.n, Path(args.out), args.batch_size)
+    print(summary_table(summaries, args.model, args.n))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bem", description="Basis Extension Modules: train and judge "
                                      "context-routed low-rank modules on frozen language models.")
@@ -59,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--tasks", nargs="+", default=None, help="task names (default: all)")
     prep.add_argument("--out", default=None, help="data folder (default: $BEM_DATA or ~/.cache/bem/data/v1)")
     prep.set_defaults(func=cmd_data_prepare)
+    ev = sub.add_parser("eval", help="score a model on the task suite's test splits")
+    ev.add_argument("--zero-shot", action="store_true", help="the frozen base model, no modules")
+    ev.add_argument("--tasks", nargs="+", default=None, help="task names (default: all)")
+    ev.add_argument("--n", type=int, default=200, help="items per task (default: 200)")
+    ev.add_argument("--model", default="smollm2-135m")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--out", default="runs/zero_shot", help="results folder (default: runs/zero_shot)")
+    ev.set_defaults(func=cmd_eval)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.version:

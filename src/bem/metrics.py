@@ -78,3 +78,13 @@ def json_scores(prediction: str, reference: dict) -> dict[str, float]:
 def accuracy(prediction: str, reference: str) -> float:
     """VQA-style accuracy for single-answer questions: normalised exact match."""
     return exact_match(prediction, reference)
+
+
+def violation_probabilities(texts: list[str]) -> list[float]:
+    """alt-profanity-check's probability that each text is offensive (violation if > 0.5)."""
+    try:
+        from profanity_check import predict_prob
+    except ImportError as err:
+        raise ModuleNotFoundError("the violation metric needs the PyPI package alt-profanity-check; install it "
+                                  "with: pip install alt-profanity-check==1.9.1   (or: make setup)") from err
+    return [float(p) for p in predict_prob(list(texts))]

@@ -1,0 +1,109 @@
+"""Batched greedy generation and per-item scoring of the task suite (`bem eval`)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bem.data.batches import prompt_ids
+from bem.data.prepare import data_root
+from bem.tasks import SPECS, dumps, load_items
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
+             side: torch.Tensor | None = None, desc: str = "generate") -> list[str]:
+    """Greedy replies to chat prompts, batched by length with left padding and the KV cache.
+
+    With BEM attached, each row's real prompt length and side inputs go to the controller.
+    """
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    replies = [""] * len(prompts)
+    bem = getattr(model, "_bem_runtime", None) is not None
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        kwargs = {}
+        if bem:
+            kwargs["bem_prompt_len"] = mask.sum(1)
+            if side is not None:
+                kwargs["bem_side"] = side[idx]
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, **kwargs)
+        for row, i in enumerate(idx):
+            replies[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+    return replies
+
+
+def evaluate_task(model, tokenizer, task: str, n: int | None, split: str = "test", batch_size: int = 16,
+                  root: Path | None = None) -> tuple[list[dict], dict]:
+    """Per-item rows (id, prediction, scores) and the task's summary (means and corpus scores)."""
+    spec = SPECS[task]
+    items = load_items(task, split, n, root)
+    start = time.perf_counter()
+    predictions = generate(model, tokenizer, [spec.prompt(it) for it in items], spec.max_new_tokens, batch_size,
+                           desc=f"{task}")
+    rows = [{"task": task, "id": it["id"], "prediction": p, "scores": spec.score(p, it)} for it, p in zip(items, predictions)]
+    names = rows[0]["scores"].keys()
+    summary = {"task": task, "split": split, "n": len(rows), "primary": spec.primary,
+               "means": {k: sum(r["scores"][k] for r in rows) / len(rows) for k in names},
+               "corpus": spec.corpus(predictions, items), "seconds": round(time.perf_counter() - start, 1)}
+    return rows, summary
+
+
+def zero_shot(model_name: str, tasks: list[str], n: int, out: Path, batch_size: int = 16) -> dict:
+    """Score the frozen base model on each task; finished tasks are kept and skipped on a rerun."""
+    from bem.models import load_base
+
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((data_root() / "manifest.json").read_text())
+    model, tokenizer = load_base(model_name)
+    summaries = {}
+    for task in tasks:
+        fingerprint = manifest["tasks"][task]["fingerprint"]
+        done = out / f"{task}.summary.json"
+        if done.is_file():
+            summary = json.loads(done.read_text())
+            if summary.get("n_requested") == n and summary.get("data_fingerprint") == fingerprint \
+                    and summary.get("model") == model_name:
+                log.info("%s: already scored, skipped", task)
+                summaries[task] = summary
+                continue
+        rows, summary = evaluate_task(model, tokenizer, task, n, batch_size=batch_size)
+        summary.update(n_requested=n, data_fingerprint=fingerprint, model=model_name)
+        _atomic_write(out / f"{task}.items.jsonl", "".join(dumps(r) + "\n" for r in rows))
+        _atomic_write(done, json.dumps(summary, indent=2, sort_keys=True))
+        summaries[task] = summary
+    _atomic_write(out / "summary.md", summary_table(summaries, model_name, n))
+    return summaries
+
+
+def summary_table(summaries: dict, model_name: str, n: int) -> str:
+    lines = [f"Zero-shot {model_name} (frozen, greedy), test split, up to {n} items per task.",
+             "Produced by `bem eval --zero-shot`; per-item scores are in `<task>.items.jsonl`.", "",
+             "| task | items | primary | scores (mean over items, ×100) | corpus |", "|---|---|---|---|---|"]
+    for task, s in summaries.items():
+        means = ", ".join(f"{k} {100 * v:.1f}" if k not in ("chrf", "bleu") else f"{k} {v:.1f}"
+                          for k, v in s["means"].items())
+        corpus = ", ".join(f"{k} {v:.1f}" for k, v in s["corpus"].items()) or "—"
+        lines.append(f"| `{task}` | {s['n']} | {s['primary']} | {means} | {corpus} |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
