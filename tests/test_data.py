@@ -175,3 +175,45 @@ def test_vqa_image_features_are_real_and_discriminative():
     assert feats.shape == (7, 1280) and np.isfinite(feats).all()
     assert np.allclose(feats[0], feats[6])  # deterministic
     assert np.abs(feats[0] - feats[1]).max() > 1e-2  # different images, different features
+
+
+def test_wordnet_qa_small_build_with_real_retrieval(monkeypatch, tmp_path):
+    from bem.data import wordnet_qa as qa
+
+    monkeypatch.setattr(qa, "N_QUESTIONS", 300)
+    monkeypatch.setattr(qa, "N_DISTRACTORS", 200)
+    manifest = prep.prepare(["wordnet_qa"], tmp_path)
+    counts = manifest["tasks"]["wordnet_qa"]["counts"]
+    assert counts["train"] > 150 and counts["test"] > 20
+    assert prep.check_leakage("wordnet_qa", tmp_path) == {"answers": 0}
+    test = prep.read_split("wordnet_qa", "test", tmp_path)
+    assert all(len(it["features"]) == len(qa.FEATURES) == 5 and len(it["evidence"]) == qa.PASSAGES for it in test)
+    assert all({"evidence_shuffled", "features_shuffled", "evidence_corrupt", "features_corrupt"} <= set(it) for it in test)
+    # retrieval really works: the clean evidence holds an answer far more often than the swapped ones
+    def holds(it, key):
+        text = " ".join(it[key]).lower()
+        return any(a.lower() in text for a in it["answers"])
+    clean = sum(holds(it, "evidence") for it in test) / len(test)
+    assert clean > 0.7
+    assert clean > sum(holds(it, "evidence_shuffled") for it in test) / len(test) + 0.4
+    assert clean > sum(holds(it, "evidence_corrupt") for it in test) / len(test) + 0.4
+    assert sum(it["slice_a"] for it in test) > 0
+
+
+def test_missing_pypi_package_names_install():
+    with pytest.raises(FileNotFoundError, match="pip install no-such-bem-package"):
+        prep.pypi_version("no-such-bem-package")
+
+
+def test_side_inputs_for_evidence_and_images(tmp_path):
+    import numpy as np
+
+    from bem.tasks import side_inputs
+
+    items = [{"features": [0.1, 0.2, 0.3, 0.4, 0.5]}, {"features": [1, 2, 3, 4, 5]}]
+    assert side_inputs("wordnet_qa", items).shape == (2, 5)
+    (tmp_path / "easy_vqa").mkdir()
+    np.save(tmp_path / "easy_vqa" / "image_features.npy", np.arange(12, dtype=np.float16).reshape(3, 4))
+    vqa_side = side_inputs("easy_vqa", [{"feature_row": 2}, {"feature_row": 0}], tmp_path)
+    assert vqa_side.tolist() == [[8, 9, 10, 11], [0, 1, 2, 3]] and vqa_side.dtype == np.float32
+    assert side_inputs("bible_translate", items) is None

@@ -69,3 +69,14 @@ def test_eval_zero_shot_command_scores_and_resumes(tmp_path, monkeypatch, capsys
     stamp = (out / "wordnet_define.items.jsonl").stat().st_mtime_ns
     assert main(["eval", "--zero-shot", "--tasks", "wordnet_define", "--n", "3", "--out", str(out)]) == 0
     assert (out / "wordnet_define.items.jsonl").stat().st_mtime_ns == stamp  # finished task skipped
+
+
+def test_readme_zero_shot_table_is_the_stored_one():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    stored = (root / "docs/results/zero_shot/summary.md").read_text()
+    rows = [line for line in stored.splitlines() if line.startswith("| `")]
+    assert len(rows) == 6
+    readme = (root / "README.md").read_text()
+    assert all(row in readme for row in rows)

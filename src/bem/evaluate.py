@@ -94,7 +94,7 @@ def zero_shot(model_name: str, tasks: list[str], n: int, out: Path, batch_size: 
 def summary_table(summaries: dict, model_name: str, n: int) -> str:
     lines = [f"Zero-shot {model_name} (frozen, greedy), test split, up to {n} items per task.",
              "Produced by `bem eval --zero-shot`; per-item scores are in `<task>.items.jsonl`.", "",
-             "| task | items | primary | scores (mean over items, ×100) | corpus |", "|---|---|---|---|---|"]
+             "| task | items | primary | mean over items (rates ×100; chrF, BLEU as sacrebleu) | corpus |", "|---|---|---|---|---|"]
     for task, s in summaries.items():
         means = ", ".join(f"{k} {100 * v:.1f}" if k not in ("chrf", "bleu") else f"{k} {v:.1f}"
                           for k, v in s["means"].items())
