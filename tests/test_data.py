@@ -217,3 +217,33 @@ def test_side_inputs_for_evidence_and_images(tmp_path):
     vqa_side = side_inputs("easy_vqa", [{"feature_row": 2}, {"feature_row": 0}], tmp_path)
     assert vqa_side.tolist() == [[8, 9, 10, 11], [0, 1, 2, 3]] and vqa_side.dtype == np.float32
     assert side_inputs("bible_translate", items) is None
+
+
+def test_easy_vqa_small_build(monkeypatch, tmp_path):
+    import easy_vqa
+    import numpy as np
+
+    from bem.data import vqa
+
+    def head(questions, n_images):
+        q, a, ids = questions
+        keep = [i for i, image in enumerate(ids) if image < n_images]
+        return [q[i] for i in keep], [a[i] for i in keep], [ids[i] for i in keep]
+
+    train_q, test_q = head(easy_vqa.get_train_questions(), 12), head(easy_vqa.get_test_questions(), 4)
+    train_p = {i: p for i, p in easy_vqa.get_train_image_paths().items() if i < 12}
+    test_p = {i: p for i, p in easy_vqa.get_test_image_paths().items() if i < 4}
+    monkeypatch.setattr(easy_vqa, "get_train_questions", lambda: train_q)
+    monkeypatch.setattr(easy_vqa, "get_test_questions", lambda: test_q)
+    monkeypatch.setattr(easy_vqa, "get_train_image_paths", lambda: train_p)
+    monkeypatch.setattr(easy_vqa, "get_test_image_paths", lambda: test_p)
+    manifest = prep.prepare(["easy_vqa"], tmp_path)
+    counts = manifest["tasks"]["easy_vqa"]["counts"]
+    assert counts["test"] == len(test_q[0]) and counts["train"] + counts["dev"] == len(train_q[0])
+    assert "easy_vqa/image_features.npy" in manifest["tasks"]["easy_vqa"]["files"]
+    features = np.load(tmp_path / "easy_vqa" / "image_features.npy")
+    assert features.shape == (16, 1280) and features.dtype == np.float16
+    item = prep.read_split("easy_vqa", "test", tmp_path)[0]
+    expected = vqa.image_features([test_p[int(item["image"].split("/")[1])]])[0]
+    assert np.allclose(features[item["feature_row"]], expected, atol=1e-2, rtol=1e-2)
+    assert prep.check_leakage("easy_vqa", tmp_path) == {"image_sha": 0}
