@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from bem.data.batches import prompt_ids
 from bem.data.prepare import data_root
-from bem.tasks import SPECS, dumps, load_items
+from bem.tasks import SPECS, dumps, load_items, side_vectors
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,17 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 
 
 def evaluate_task(model, tokenizer, task: str, n: int | None, split: str = "test", batch_size: int = 16,
-                  root: Path | None = None) -> tuple[list[dict], dict]:
-    """Per-item rows (id, prediction, scores) and the task's summary (means and corpus scores)."""
+                  root: Path | None = None, layout: dict | None = None) -> tuple[list[dict], dict]:
+    """Per-item rows (id, prediction, scores) and the task's summary (means and corpus scores).
+
+    With a side-input `layout` (see tasks.side_layout) each item's side vector goes to the controller.
+    """
     spec = SPECS[task]
     items = load_items(task, split, n, root)
+    side = torch.tensor(side_vectors(task, items, layout, root)) if layout else None
     start = time.perf_counter()
     predictions = generate(model, tokenizer, [spec.prompt(it) for it in items], spec.max_new_tokens, batch_size,
-                           desc=f"{task}")
+                           side=side, desc=f"{task}")
     rows = [{"task": task, "id": it["id"], "prediction": p, "scores": spec.score(p, it)} for it, p in zip(items, predictions)]
     names = rows[0]["scores"].keys()
     summary = {"task": task, "split": split, "n": len(rows), "primary": spec.primary,

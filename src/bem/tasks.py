@@ -118,3 +118,43 @@ def side_inputs(task: str, items: list[dict], root: Path | None = None) -> np.nd
 
 def dumps(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True)
+
+
+SIDE_DIMS = {"wordnet_qa": 5, "easy_vqa": 1280}  # evidence features; EfficientNet-Lite0 image features
+
+
+def side_layout(tasks: list[str]) -> dict[str, tuple[int, int]]:
+    """Where each task's side inputs sit in the shared side vector: {task: (offset, width)}."""
+    layout, offset = {}, 0
+    for task in tasks:
+        if task in SIDE_DIMS and task not in layout:
+            layout[task] = (offset, SIDE_DIMS[task])
+            offset += SIDE_DIMS[task]
+    return layout
+
+
+def side_width(layout: dict[str, tuple[int, int]]) -> int:
+    return sum(width for _, width in layout.values())
+
+
+def side_vectors(task: str, items: list[dict], layout: dict[str, tuple[int, int]], root: Path | None = None) -> list[tuple]:
+    """Each item's side vector in the shared layout (zeros outside its task's slot)."""
+    out = np.zeros((len(items), side_width(layout)), dtype=np.float32)
+    own = side_inputs(task, items, root)
+    if own is not None and task in layout:
+        offset, width = layout[task]
+        out[:, offset:offset + width] = own
+    return [tuple(row) for row in out]
+
+
+def training_target(task: str, item: dict) -> str:
+    """The reply a task is trained towards."""
+    if task == "wordnet_qa":
+        return item["answers"][0]
+    if task == "json_format":
+        return json.dumps(item["target"], ensure_ascii=False)
+    if task == "easy_vqa":
+        return item["answer"]
+    if task == "safety":
+        raise ValueError("the safety task has no training target")
+    return item["target"]

@@ -1,0 +1,1 @@
+"""Experiments: typed configs from YAML, training, evaluation, the results database and the runner."""

@@ -1,0 +1,86 @@
+"""The results database: SQLite in the run folder.
+
+One finished (experiment, config hash, seed) unit is written in one transaction, so a killed run
+leaves either a whole unit or none; a changed config has another hash and is a new unit.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, started REAL, command TEXT, quick INTEGER);
+CREATE TABLE IF NOT EXISTS configs (hash TEXT PRIMARY KEY, experiment TEXT, json TEXT);
+CREATE TABLE IF NOT EXISTS units (
+    id INTEGER PRIMARY KEY, experiment TEXT, config_hash TEXT REFERENCES configs(hash), seed INTEGER,
+    run_id INTEGER REFERENCES runs(id), finished REAL, train_seconds REAL, eval_seconds REAL,
+    UNIQUE (experiment, config_hash, seed));
+CREATE TABLE IF NOT EXISTS item_scores (
+    unit_id INTEGER REFERENCES units(id), task TEXT, item_id TEXT, metric TEXT, value REAL, prediction TEXT);
+CREATE INDEX IF NOT EXISTS item_scores_by_unit ON item_scores(unit_id, task, metric);
+CREATE TABLE IF NOT EXISTS metrics (unit_id INTEGER REFERENCES units(id), task TEXT, metric TEXT, value REAL);
+CREATE TABLE IF NOT EXISTS curves (unit_id INTEGER REFERENCES units(id), step INTEGER, loss REAL, lr REAL, grad_norm REAL);
+CREATE TABLE IF NOT EXISTS profiles (experiment TEXT, config_hash TEXT, metric TEXT, value REAL, device TEXT);
+CREATE TABLE IF NOT EXISTS verdicts (experiment TEXT, config_hash TEXT, versus TEXT, verdict TEXT, reasons TEXT, json TEXT);
+"""
+
+
+class ResultsDB:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(self.path)
+        self.conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def start_run(self, command: str, quick: bool) -> int:
+        with self.conn:
+            return self.conn.execute("INSERT INTO runs (started, command, quick) VALUES (?, ?, ?)",
+                                     (time.time(), command, int(quick))).lastrowid
+
+    def finished(self, experiment: str, config_hash: str, seed: int) -> bool:
+        row = self.conn.execute("SELECT 1 FROM units WHERE experiment=? AND config_hash=? AND seed=?",
+                                (experiment, config_hash, seed)).fetchone()
+        return row is not None
+
+    def write_unit(self, run_id: int, experiment: str, config_hash: str, config_json: dict, seed: int,
+                   rows: list[dict], summaries: list[dict], curve: list[dict], train_seconds: float,
+                   eval_seconds: float) -> int:
+        """Everything of one finished unit, in one transaction."""
+        with self.conn:
+            self.conn.execute("INSERT OR IGNORE INTO configs (hash, experiment, json) VALUES (?, ?, ?)",
+                              (config_hash, experiment, json.dumps(config_json, sort_keys=True)))
+            unit = self.conn.execute(
+                "INSERT INTO units (experiment, config_hash, seed, run_id, finished, train_seconds, eval_seconds) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (experiment, config_hash, seed, run_id, time.time(), train_seconds, eval_seconds)).lastrowid
+            self.conn.executemany(
+                "INSERT INTO item_scores VALUES (?, ?, ?, ?, ?, ?)",
+                [(unit, r["task"], r["id"], metric, value, r["prediction"]) for r in rows for metric, value in r["scores"].items()])
+            self.conn.executemany(
+                "INSERT INTO metrics VALUES (?, ?, ?, ?)",
+                [(unit, s["task"], name, value) for s in summaries
+                 for name, value in {**s["means"], **s["corpus"]}.items()])
+            self.conn.executemany("INSERT INTO curves VALUES (?, ?, ?, ?, ?)",
+                                  [(unit, c["step"], c["loss"], c["lr"], c["grad_norm"]) for c in curve])
+        return unit
+
+    def item_scores(self, experiment: str, task: str, metric: str, config_hash: str | None = None) -> dict[int, dict[str, float]]:
+        """{seed: {item_id: value}} of the finished units of an experiment (latest config unless given)."""
+        config_hash = config_hash or self.latest_hash(experiment)
+        out: dict[int, dict[str, float]] = {}
+        for seed, item, value in self.conn.execute(
+                "SELECT u.seed, s.item_id, s.value FROM item_scores s JOIN units u ON u.id = s.unit_id "
+                "WHERE u.experiment=? AND u.config_hash=? AND s.task=? AND s.metric=?",
+                (experiment, config_hash, task, metric)):
+            out.setdefault(seed, {})[item] = value
+        return out
+
+    def latest_hash(self, experiment: str) -> str | None:
+        row = self.conn.execute("SELECT config_hash FROM units WHERE experiment=? ORDER BY finished DESC LIMIT 1",
+                                (experiment,)).fetchone()
+        return row[0] if row else None

@@ -1,0 +1,77 @@
+"""`bem run`: train the named experiments for each seed, evaluate them, store every per-item score."""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from bem import save_bem
+from bem.evaluate import evaluate_task
+from bem.experiments.config import EXPERIMENTS_DIR, ExperimentConfig, load_experiment
+from bem.experiments.results import ResultsDB
+from bem.experiments.training import train_unit
+from bem.tasks import side_layout
+
+log = logging.getLogger(__name__)
+
+QUICK_EXPERIMENTS = ["L0_lora", "S1_anchor"]
+
+
+def load_configs(names: list[str], quick: bool, seeds: int | None, directory: Path = EXPERIMENTS_DIR) -> list[ExperimentConfig]:
+    configs = [load_experiment(n, directory, overlay="_quick" if quick else None) for n in names]
+    if seeds is not None:
+        if seeds < 1:
+            raise ValueError(f"--seeds {seeds}: expected an integer >= 1")
+        for c in configs:
+            c.seeds = list(range(seeds))
+    return configs
+
+
+def unit_name(config: ExperimentConfig, seed: int) -> str:
+    return f"{config.name}-{config.config_hash()}-s{seed}"
+
+
+def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, out: Path,
+             data_root: Path | None = None) -> int:
+    """Train (resuming if a checkpoint exists), evaluate, and commit one unit."""
+    name = unit_name(config, seed)
+    checkpoint = out / "checkpoints" / name
+    start = time.perf_counter()
+    unit = train_unit(config, seed, checkpoint, data_root)
+    train_seconds = time.perf_counter() - start
+    layout = side_layout(config.tasks) if config.side_inputs and config.bem.controller != "static" else None
+    rows, summaries = [], []
+    start = time.perf_counter()
+    for task in config.tasks:
+        r, s = evaluate_task(unit.model, unit.tokenizer, task, config.evaluation.items, config.evaluation.split,
+                             config.evaluation.batch_size, data_root, layout)
+        rows += r
+        summaries.append(s)
+    eval_seconds = time.perf_counter() - start
+    save_bem(unit.model, out / "adapters" / name)
+    unit_id = db.write_unit(run_id, config.name, config.config_hash(), config.to_dict(), seed, rows, summaries,
+                            unit.curve, train_seconds, eval_seconds)
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the unit is committed; its adapter is kept
+    return unit_id
+
+
+def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = None, data_root: Path | None = None,
+        directory: Path = EXPERIMENTS_DIR, command: str = "bem run") -> list[tuple[str, int, str]]:
+    """Run every unfinished (experiment, seed) unit; returns (experiment, seed, 'done'|'skipped')."""
+    configs = load_configs(names, quick, seeds, directory)
+    db = ResultsDB(out / "results.sqlite")
+    try:
+        run_id = db.start_run(command, quick)
+        done = []
+        for config in configs:
+            for seed in config.seeds:
+                if db.finished(config.name, config.config_hash(), seed):
+                    log.info("%s seed %d: finished earlier, skipped", config.name, seed)
+                    done.append((config.name, seed, "skipped"))
+                    continue
+                run_unit(db, run_id, config, seed, out, data_root)
+                done.append((config.name, seed, "done"))
+        return done
+    finally:
+        db.close()

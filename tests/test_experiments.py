@@ -1,0 +1,147 @@
+"""Experiment configs, training with resume, the results database and the runner, on a tiny model."""
+import json
+import sqlite3
+
+import pytest
+
+from bem.experiments.config import ConfigError, list_experiments, load_experiment
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_shipped_experiments_load():
+    names = list_experiments()
+    assert {"L0_lora", "S1_anchor", "B1_bem"} <= set(names)
+    lora, anchor = load_experiment("L0_lora"), load_experiment("S1_anchor")
+    assert lora.bem.controller == "static" and anchor.bem.controller == "chunk" and anchor.anchor is None
+    assert lora.training.steps == anchor.training.steps == 200  # inherited from _defaults
+    quick = load_experiment("S1_anchor", overlay="_quick")
+    assert quick.training.steps == 40 and quick.seeds == [0] and quick.config_hash() != anchor.config_hash()
+
+
+@pytest.mark.parametrize("body,message", [
+    ("training:\n  stpes: 3\n", r"x\.yaml: unknown field\(s\) \['training\.stpes'\]"),
+    ("training:\n  steps: many\n", r"x\.yaml: training\.steps = 'many' is not allowed; expected an integer"),
+    ("training:\n  precision: fp8\n", r"training\.precision = 'fp8' is not allowed; expected one of 'fp32', 'bf16'"),
+    ("tasks: [wordnet_qa, squad]\n", r"tasks\[1\] = 'squad' is not allowed; expected one of"),
+    ("bem:\n  rank: 0\n", r"x\.yaml: bem: BEMConfig\.rank = 0 is not allowed"),
+    ("bem:\n  side_dim: 3\n", r"bem\.side_dim = 3 is not allowed; the side inputs of tasks"),
+    ("base: nowhere\n", r"experiment file .*nowhere\.yaml does not exist"),
+    ("seeds: []\n", r"seeds = \[\] is not allowed"),
+    ("- a list\n", r"x\.yaml: must hold a mapping"),
+])
+def test_config_errors_name_file_field_value_and_allowed(tmp_path, body, message):
+    write(tmp_path / "x.yaml", body)
+    with pytest.raises(ConfigError, match=message):
+        load_experiment("x", tmp_path)
+
+
+def test_base_inheritance_merges_and_detects_loops(tmp_path):
+    write(tmp_path / "_b.yaml", "training:\n  steps: 7\n  lr: 0.01\nbem:\n  rank: 4\n  side_dim: 5\n")
+    write(tmp_path / "child.yaml", "base: _b\ntraining:\n  steps: 9\n")
+    c = load_experiment("child", tmp_path)
+    assert (c.training.steps, c.training.lr, c.bem.rank) == (9, 0.01, 4)
+    write(tmp_path / "loop1.yaml", "base: loop2\n")
+    write(tmp_path / "loop2.yaml", "base: loop1\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_experiment("loop1", tmp_path)
+
+
+# --- training, resume and the runner on a tiny model --------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A tiny llama with SmolLM2's tokenizer saved as a local HF folder, and a small prepared data folder."""
+    from bem.data.prepare import prepare
+    from bem.models import load_base, tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = load_base("smollm2-135m")[1]
+    model = tiny("llama", vocab_size=len(tokenizer))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    prepare(["wordnet_define", "json_format"], root / "data")
+    experiments = root / "experiments"
+    experiments.mkdir()
+    common = (f"model: {root / 'model'}\ntasks: [wordnet_define, json_format]\nseeds: [0]\nanchor: null\n"
+              "side_inputs: false\nbem:\n  rank: 4\n  sites: [o_proj, down_proj]\n  controller: {ctrl}\n  chunk_size: 4\n"
+              "training:\n  steps: 6\n  batch_size: 2\n  grad_accum: 2\n  lr: 0.01\n  warmup_steps: 2\n"
+              "  checkpoint_every: 2\n  max_length: 48\n  train_items: 20\nevaluation:\n  items: 4\n  batch_size: 4\n")
+    write(experiments / "tiny_bem.yaml", common.format(ctrl="chunk"))
+    write(experiments / "tiny_lora.yaml", common.format(ctrl="static"))
+    return root
+
+
+def _scores(db_path):
+    conn = sqlite3.connect(db_path)
+    rows = conn.execute("SELECT u.experiment, u.seed, s.task, s.item_id, s.metric, s.value, s.prediction "
+                        "FROM item_scores s JOIN units u ON u.id = s.unit_id ORDER BY 1, 2, 3, 4, 5").fetchall()
+    curve = conn.execute("SELECT step, loss FROM curves ORDER BY step").fetchall()
+    conn.close()
+    return rows, curve
+
+
+def test_killed_run_resumes_to_the_same_scores(tiny_setup, tmp_path, monkeypatch):
+    from bem.experiments import runner
+    from bem.experiments.training import train_unit
+
+    monkeypatch.setenv("BEM_DATA", str(tiny_setup / "data"))
+    experiments = tiny_setup / "experiments"
+    straight = tmp_path / "straight"
+    assert runner.run(["tiny_bem"], straight, directory=experiments) == [("tiny_bem", 0, "done")]
+
+    killed = tmp_path / "killed"
+    config = load_experiment("tiny_bem", experiments)
+    checkpoint = killed / "checkpoints" / runner.unit_name(config, 0)
+    partial = train_unit(config, 0, checkpoint, stop_after=3)  # the run "dies" after step 3
+    assert len(partial.curve) == 3 and json.loads((checkpoint / "progress.json").read_text())["step"] == 3
+    runner.run(["tiny_bem"], killed, directory=experiments)  # starts again, resumes from the checkpoint
+    rows_a, curve_a = _scores(straight / "results.sqlite")
+    rows_b, curve_b = _scores(killed / "results.sqlite")
+    assert len(rows_a) == 4 * 1 + 4 * 2 and rows_a == rows_b
+    assert len(curve_a) == 6 and curve_a == curve_b
+    assert not checkpoint.exists() and (killed / "adapters" / runner.unit_name(config, 0) / "bem_weights.safetensors").is_file()
+
+
+def test_rerun_skips_finished_units_and_a_changed_config_is_a_new_unit(tiny_setup, tmp_path, monkeypatch):
+    from bem.experiments import runner
+
+    monkeypatch.setenv("BEM_DATA", str(tiny_setup / "data"))
+    experiments = tmp_path / "experiments"
+    shutil_copy = __import__("shutil").copytree
+    shutil_copy(tiny_setup / "experiments", experiments)
+    out = tmp_path / "run"
+    assert runner.run(["tiny_lora"], out, directory=experiments) == [("tiny_lora", 0, "done")]
+    assert runner.run(["tiny_lora"], out, directory=experiments) == [("tiny_lora", 0, "skipped")]
+    path = experiments / "tiny_lora.yaml"
+    path.write_text(path.read_text().replace("lr: 0.01", "lr: 0.02"))
+    assert runner.run(["tiny_lora"], out, directory=experiments) == [("tiny_lora", 0, "done")]
+    conn = sqlite3.connect(out / "results.sqlite")
+    assert conn.execute("SELECT COUNT(DISTINCT config_hash), COUNT(*) FROM units").fetchone() == (2, 2)
+
+
+def test_nan_loss_stops_the_unit_without_scores(tiny_setup, tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bem.experiments import runner
+    from bem.experiments.training import TrainingDiverged
+
+    monkeypatch.setenv("BEM_DATA", str(tiny_setup / "data"))
+    broken = AutoModelForCausalLM.from_pretrained(tiny_setup / "model")
+    with torch.no_grad():
+        broken.model.norm.weight[0] = float("nan")  # a corrupted base checkpoint
+    broken.save_pretrained(tmp_path / "broken")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        __import__("shutil").copy(tiny_setup / "model" / name, tmp_path / "broken")
+    experiments = tmp_path / "experiments"
+    __import__("shutil").copytree(tiny_setup / "experiments", experiments)
+    path = experiments / "tiny_bem.yaml"
+    path.write_text(path.read_text().replace(str(tiny_setup / "model"), str(tmp_path / "broken")))
+    with pytest.raises(TrainingDiverged, match="tiny_bem seed 0: loss is nan at step 0"):
+        runner.run(["tiny_bem"], tmp_path / "run", directory=experiments)
+    conn = sqlite3.connect(tmp_path / "run" / "results.sqlite")
+    assert conn.execute("SELECT COUNT(*) FROM units").fetchone() == (0,)
+    assert conn.execute("SELECT COUNT(*) FROM item_scores").fetchone() == (0,)
