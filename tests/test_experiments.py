@@ -69,7 +69,7 @@ def tiny_setup(tmp_path_factory):
               "side_inputs: false\nbem:\n  rank: 4\n  sites: [o_proj, down_proj]\n  controller: {ctrl}\n  chunk_size: 4\n"
               "training:\n  steps: 6\n  batch_size: 2\n  grad_accum: 2\n  lr: 0.01\n  warmup_steps: 2\n"
               "  checkpoint_every: 2\n  max_length: 48\n  train_items: 20\nevaluation:\n  items: 4\n  batch_size: 4\n")
-    write(experiments / "tiny_bem.yaml", common.format(ctrl="chunk"))
+    write(experiments / "tiny_bem.yaml", common.format(ctrl="chunk").replace("anchor: null", "anchor: tiny_lora"))
     write(experiments / "tiny_lora.yaml", common.format(ctrl="static"))
     return root
 
@@ -145,3 +145,28 @@ def test_nan_loss_stops_the_unit_without_scores(tiny_setup, tmp_path, monkeypatc
     conn = sqlite3.connect(tmp_path / "run" / "results.sqlite")
     assert conn.execute("SELECT COUNT(*) FROM units").fetchone() == (0,)
     assert conn.execute("SELECT COUNT(*) FROM item_scores").fetchone() == (0,)
+
+
+def test_report_is_regenerated_identically_and_matches_the_database(tiny_setup, tmp_path, monkeypatch):
+    import re
+
+    from bem.cli import main
+    from bem.experiments import runner
+
+    monkeypatch.setenv("BEM_DATA", str(tiny_setup / "data"))
+    out = tmp_path / "run"
+    runner.run(["tiny_lora", "tiny_bem"], out, directory=tiny_setup / "experiments")
+    assert main(["report", str(out)]) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".png")}
+    assert set(first) == {"report.md", "curves.png", "forest.png", "quality_latency.png"}
+    assert main(["report", str(out)]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".png")} == first
+    report = first["report.md"].decode()
+    conn = sqlite3.connect(out / "results.sqlite")
+    expected = {(e, t, m): v for e, t, m, v in conn.execute(
+        "SELECT u.experiment, m.task, m.metric, AVG(m.value) FROM metrics m JOIN units u ON u.id = m.unit_id GROUP BY 1, 2, 3")}
+    shown = {(e, t, m): float(v) for e, t, m, v in re.findall(r"^\| (tiny_\w+) \| (\w+) \| (\w+) \| ([-\d.]+) \|$", report, re.M)}
+    assert shown.keys() == expected.keys() and all(abs(shown[k] - expected[k]) < 5e-5 for k in expected)
+    # 4 items per task: the report says plainly that this is too small for a verdict
+    assert "(too small)" in report and "NO VERDICT" in report and "sample too small" in report
+    assert main(["analyze", str(out), "--json"]) == 0

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bem import BEMConfig, attach_bem
-from bem.demo import definition_items, encode
+from bem.data.batches import Example, collate
+from bem.data.wordnet import read_synsets
 from bem.models import load_base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,8 @@ def test_bem_training_lowers_loss_on_real_data(smollm2):
     base, tok = smollm2
     model, _ = load_base("smollm2-135m")  # a fresh copy: attach_bem changes the model in place
     attach_bem(model, BEMConfig(rank=8, alpha=16, controller="chunk", chunk_size=8))
-    batch = encode(tok, definition_items(4, 0)["train"])
+    glosses = [s for s in read_synsets("n")[2000:2100] if len(s.definition.split()) < 12][:4]
+    batch = collate(tok, [Example(f"Define the word: {s.lemmas[0]}", s.definition) for s in glosses])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-3)
     with torch.no_grad():

@@ -2,26 +2,64 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bem.demo import DemoArgs, run_demo
+    from bem.data.prepare import prepare
+    from bem.experiments.config import list_experiments, load_experiment
+    from bem.experiments.runner import QUICK_EXPERIMENTS, run
 
-    demo = DemoArgs(out=Path(args.out), model=args.model, seed=args.seed)
-    if args.steps is not None:
-        demo.steps = args.steps
-    if not args.quick:
-        logging.getLogger("bem").warning("the full experiment runner is not built yet; running the quick job")
-    r = run_demo(demo)
-    print(f"task: {r['task']}  ({r['train_items']} train / {r['eval_items']} held-out synsets)")
-    print(f"BEM trainable parameters: {r['trainable_parameters']:,}, {r['steps']} steps")
-    print(f"held-out target-token loss: base {r['eval_target_loss_base']:.3f} -> BEM {r['eval_target_loss_bem']:.3f} "
-          f"(perplexity {r['eval_perplexity_base']:.1f} -> {r['eval_perplexity_bem']:.1f})")
-    print(f"sample: {r['sample']['word']!r} -> {r['sample']['bem_output']!r}  (reference: {r['sample']['reference']!r})")
-    print(f"wrote {demo.out / 'result.json'} and {demo.out / 'adapter'} in {r['wall_seconds']:.0f} s")
+    names = args.experiments or (QUICK_EXPERIMENTS if args.quick else list_experiments())
+    tasks = sorted({t for n in names for t in load_experiment(n, overlay="_quick" if args.quick else None).tasks})
+    prepare(tasks)  # idempotent: builds only what is missing
+    out = Path(args.out or ("runs/quick" if args.quick else "runs/main"))
+    start = time.perf_counter()
+    units = run(names, out, quick=args.quick, seeds=args.seeds, command=" ".join(sys.argv))
+    for name, seed, status in units:
+        print(f"{name:20s} seed {seed}: {status}")
+    from bem.experiments.analysis import analyze
+    from bem.experiments.report import write_report
+
+    report = write_report(out)
+    for v in analyze(out)["verdicts"]:
+        print(f"{v['experiment']} vs {v['versus']}: {v['verdict'].upper()} — " + "; ".join(v["reasons"]))
+    print(f"results in {out / 'results.sqlite'}, report {report} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from bem.budget import budget
+    from bem.experiments.config import list_experiments, load_experiment
+
+    rows = []
+    for name in list_experiments():
+        config = load_experiment(name)
+        b = budget(config.model, config.bem)
+        rows.append({"name": name, "anchor": config.anchor, "controller": config.bem.controller,
+                     "added_parameters": b.parameters, "added_flops_per_token": b.flops_per_token,
+                     "sites": b.sites, "description": config.description, "tolerance": config.gates.parity_tolerance})
+    by_name = {r["name"]: r for r in rows}
+    for r in rows:
+        anchor = by_name.get(r["anchor"]) if r["anchor"] else r
+        r["parameter_ratio"] = r["added_parameters"] / anchor["added_parameters"] if anchor else None
+        r["flops_ratio"] = r["added_flops_per_token"] / anchor["added_flops_per_token"] if anchor else None
+        r["within_parity"] = (None if anchor is None else
+                              abs(r["parameter_ratio"] - 1) <= r["tolerance"] and abs(r["flops_ratio"] - 1) <= r["tolerance"])
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'experiment':14s} {'controller':10s} {'added params':>12s} {'FLOPs/token':>12s} {'params/anchor':>13s} "
+          f"{'FLOPs/anchor':>12s}  parity")
+    for r in rows:
+        ratio = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+        print(f"{r['name']:14s} {r['controller']:10s} {r['added_parameters']:12,d} {r['added_flops_per_token']:12,.0f} "
+              f"{ratio(r['parameter_ratio']):>13s} {ratio(r['flops_ratio']):>12s}  "
+              f"{'ok' if r['within_parity'] else 'OUT' if r['within_parity'] is False else '-'}")
     return 0
 
 
@@ -59,18 +97,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from bem.experiments.analysis import analyze
+
+    result = analyze(Path(args.run_dir))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for c in result["comparisons"]:
+        print(f"{c['experiment']} vs {c['versus']} {c['task']} [{c['slice']}] {c['metric']}: n={c['n']} "
+              f"improvement {c['difference']:+.4f} CI [{c['low']:+.4f}, {c['high']:+.4f}] p={c['p']:.4f} BH p={c['p_bh']:.4f}")
+    for v in result["verdicts"]:
+        print(f"{v['experiment']} vs {v['versus']}: {v['verdict'].upper()}")
+        for reason in v["reasons"]:
+            print(f"  - {reason}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bem.experiments.report import write_report
+
+    print(f"wrote {write_report(Path(args.run_dir))}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bem", description="Basis Extension Modules: train and judge "
                                      "context-routed low-rank modules on frozen language models.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
-    run = sub.add_parser("run", help="train and evaluate (for now: the quick demo job)")
-    run.add_argument("--quick", action="store_true", help="the embedded default: SmolLM2-135M, minutes on a CPU")
-    run.add_argument("--out", default="runs/quick", help="run folder (default: runs/quick)")
-    run.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder")
-    run.add_argument("--steps", type=int, default=None, help="training steps (default: 60)")
-    run.add_argument("--seed", type=int, default=0)
+    run = sub.add_parser("run", help="train and evaluate experiments; finished units are skipped")
+    run.add_argument("--quick", action="store_true", help="the embedded default: SmolLM2-135M, L0_lora + S1_anchor, "
+                     "small budgets (experiments/_quick.yaml), minutes on 2 CPU cores")
+    run.add_argument("--experiments", nargs="+", default=None, help="experiment names (default: all, or the quick pair)")
+    run.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: each experiment's own)")
+    run.add_argument("--out", default=None, help="run folder (default: runs/quick with --quick, else runs/main)")
     run.set_defaults(func=cmd_run)
+    lst = sub.add_parser("list", help="experiments with added parameters, FLOPs per token and parity vs the anchor")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_list)
+    ana = sub.add_parser("analyze", help="paired comparisons, BH-FDR and verdicts of a run folder")
+    ana.add_argument("run_dir")
+    ana.add_argument("--json", action="store_true")
+    ana.set_defaults(func=cmd_analyze)
+    rep = sub.add_parser("report", help="write report.md and plots of a run folder from its database")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
     data = sub.add_parser("data", help="build the task suite").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="build every task's JSONL splits and manifest (idempotent)")
     prep.add_argument("--tasks", nargs="+", default=None, help="task names (default: all)")

@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS units (
 CREATE TABLE IF NOT EXISTS item_scores (
     unit_id INTEGER REFERENCES units(id), task TEXT, item_id TEXT, metric TEXT, value REAL, prediction TEXT);
 CREATE INDEX IF NOT EXISTS item_scores_by_unit ON item_scores(unit_id, task, metric);
+CREATE TABLE IF NOT EXISTS item_meta (task TEXT, item_id TEXT, key TEXT, value REAL, UNIQUE (task, item_id, key));
 CREATE TABLE IF NOT EXISTS metrics (unit_id INTEGER REFERENCES units(id), task TEXT, metric TEXT, value REAL);
 CREATE TABLE IF NOT EXISTS curves (unit_id INTEGER REFERENCES units(id), step INTEGER, loss REAL, lr REAL, grad_norm REAL);
 CREATE TABLE IF NOT EXISTS profiles (experiment TEXT, config_hash TEXT, metric TEXT, value REAL, device TEXT);
@@ -61,6 +62,9 @@ class ResultsDB:
             self.conn.executemany(
                 "INSERT INTO item_scores VALUES (?, ?, ?, ?, ?, ?)",
                 [(unit, r["task"], r["id"], metric, value, r["prediction"]) for r in rows for metric, value in r["scores"].items()])
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO item_meta VALUES (?, ?, ?, ?)",
+                [(r["task"], r["id"], k, v) for r in rows for k, v in r.get("meta", {}).items()])
             self.conn.executemany(
                 "INSERT INTO metrics VALUES (?, ?, ?, ?)",
                 [(unit, s["task"], name, value) for s in summaries

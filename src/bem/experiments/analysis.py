@@ -1,0 +1,141 @@
+"""`bem analyze`: paired comparisons, BH-FDR and verdicts, computed from the results database only."""
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bem.stats import benjamini_hochberg, cohens_dz, paired_bca, permutation_pvalue
+from bem.tasks import SPECS
+
+LOWER_IS_BETTER = {"violation", "violation_prob"}
+MIN_ITEMS = 100  # fewer paired items than this: no verdict
+BASELINE = "L0_lora"
+
+
+@dataclass
+class Comparison:
+    experiment: str
+    versus: str
+    task: str
+    slice: str
+    metric: str
+    n: int
+    seeds: int
+    mean_experiment: float
+    mean_versus: float
+    difference: float  # improvement: positive = the experiment is better
+    low: float
+    high: float
+    p: float
+    p_bh: float = 1.0
+    effect_size: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class Verdict:
+    experiment: str
+    versus: str
+    verdict: str  # promote | reject | no verdict
+    reasons: list[str] = field(default_factory=list)
+
+
+def _units(conn) -> dict[str, dict]:
+    """Per experiment: its latest config hash, config and seeds."""
+    out = {}
+    for experiment, config_hash, config_json in conn.execute(
+            "SELECT u.experiment, u.config_hash, c.json FROM units u JOIN configs c ON c.hash = u.config_hash "
+            "GROUP BY u.experiment HAVING u.finished = MAX(u.finished) ORDER BY u.experiment"):
+        seeds = [s for (s,) in conn.execute("SELECT seed FROM units WHERE experiment=? AND config_hash=? ORDER BY seed",
+                                            (experiment, config_hash))]
+        out[experiment] = {"hash": config_hash, "config": json.loads(config_json), "seeds": seeds}
+    return out
+
+
+def _item_means(conn, experiment: str, config_hash: str, task: str, metric: str) -> dict[str, float]:
+    """Per item, the mean over seeds."""
+    rows = conn.execute("SELECT s.item_id, AVG(s.value) FROM item_scores s JOIN units u ON u.id = s.unit_id "
+                        "WHERE u.experiment=? AND u.config_hash=? AND s.task=? AND s.metric=? GROUP BY s.item_id",
+                        (experiment, config_hash, task, metric)).fetchall()
+    return dict(rows)
+
+
+def compare(db_path: Path, n_resamples: int = 10_000) -> tuple[list[Comparison], list[Verdict], dict]:
+    from bem.experiments.results import ResultsDB
+
+    ResultsDB(db_path).close()  # brings an older database's schema up to date
+    conn = sqlite3.connect(db_path)
+    units = _units(conn)
+    slice_a = {(t, i) for t, i in conn.execute("SELECT task, item_id FROM item_meta WHERE key='slice_a' AND value=1")}
+    comparisons = []
+    pairs = []
+    for name, unit in units.items():
+        for versus in dict.fromkeys([unit["config"]["anchor"], BASELINE]):
+            if versus and versus != name and versus in units:
+                pairs.append((name, versus))
+    for name, versus in pairs:
+        for task in units[name]["config"]["tasks"]:
+            metric = SPECS[task].primary
+            ours = _item_means(conn, name, units[name]["hash"], task, metric)
+            theirs = _item_means(conn, versus, units[versus]["hash"], task, metric)
+            common = sorted(set(ours) & set(theirs))
+            slices = [("B", common)] + ([("A", [i for i in common if (task, i) in slice_a])] if task == "wordnet_qa" else [])
+            for slice_name, ids in slices:
+                sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+                a = sign * np.array([theirs[i] for i in ids])
+                b = sign * np.array([ours[i] for i in ids])
+                r = paired_bca(a, b, n_resamples=n_resamples)
+                comparisons.append(Comparison(
+                    name, versus, task, slice_name, metric, len(ids), len(units[name]["seeds"]),
+                    float(np.mean(b) * sign) if len(ids) else float("nan"), float(np.mean(a) * sign) if len(ids) else float("nan"),
+                    r.estimate, r.low, r.high, permutation_pvalue(a, b, n_resamples=n_resamples), effect_size=cohens_dz(a, b),
+                    note=r.note))
+    adjusted, _ = benjamini_hochberg([c.p for c in comparisons])
+    for c, p in zip(comparisons, adjusted):
+        c.p_bh = float(p)
+    verdicts = [_verdict(name, versus, [c for c in comparisons if (c.experiment, c.versus) == (name, versus)], units)
+                for name, versus in pairs]
+    conn.close()
+    return comparisons, verdicts, units
+
+
+def _verdict(name: str, versus: str, comps: list[Comparison], units: dict) -> Verdict:
+    from bem.budget import budget
+    from bem.config import BEMConfig
+
+    reasons, too_small = [], False
+    for c in (c for c in comps if c.slice == "B"):
+        if c.n < MIN_ITEMS:
+            too_small = True
+            reasons.append(f"{c.task}: only {c.n} paired items (< {MIN_ITEMS}): sample too small for a verdict")
+            continue
+        if not c.low > 0:
+            reasons.append(f"{c.task} {c.metric}: BCa 95% CI lower bound {c.low:+.4f} is not > 0")
+        if not c.p_bh < 0.05:
+            reasons.append(f"{c.task} {c.metric}: BH-adjusted p = {c.p_bh:.3g} is not < 0.05")
+    config = units[name]["config"]
+    gates = config["gates"]
+    ours = budget(config["model"], BEMConfig.from_dict(config["bem"]))
+    theirs_cfg = units[versus]["config"]
+    theirs = budget(theirs_cfg["model"], BEMConfig.from_dict(theirs_cfg["bem"]))
+    p_ratio, f_ratio = ours.parameters / theirs.parameters, ours.flops_per_token / theirs.flops_per_token
+    tol = gates["parity_tolerance"]
+    if abs(p_ratio - 1) > tol or abs(f_ratio - 1) > tol:
+        reasons.append(f"budget parity fails: added parameters ×{p_ratio:.3f}, FLOPs/token ×{f_ratio:.3f} "
+                       f"(allowed ±{tol:.0%})")
+    reasons.append("latency and memory gates not measured (bem profile has not run on this folder)")
+    if units[name]["seeds"] and len(units[name]["seeds"]) < 2:
+        reasons.append("single seed: seed-to-seed variance is not in the interval")
+    blocking = [r for r in reasons if not r.startswith("single seed")]
+    verdict = "no verdict" if too_small else ("promote" if not blocking else "reject")
+    return Verdict(name, versus, verdict, reasons)
+
+
+def analyze(run_dir: Path, n_resamples: int = 10_000) -> dict:
+    comparisons, verdicts, units = compare(Path(run_dir) / "results.sqlite", n_resamples)
+    return {"units": {k: {"config_hash": v["hash"], "seeds": v["seeds"]} for k, v in units.items()},
+            "comparisons": [asdict(c) for c in comparisons], "verdicts": [asdict(v) for v in verdicts]}

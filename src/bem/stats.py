@@ -1,0 +1,106 @@
+"""Paired statistics over evaluation items: BCa bootstrap, sign-flip permutation test, Benjamini–Hochberg."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import ndtr, ndtri
+
+_BLOCK = 1_000  # resamples generated at a time (memory: block × n indices)
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    estimate: float
+    low: float
+    high: float
+    bias_correction: float
+    acceleration: float
+    n: int
+    confidence: float
+    note: str = ""  # why the interval is degenerate, if it is
+
+
+def _resample_stats(n: int, n_resamples: int, rng: np.random.Generator, stat_of_idx) -> np.ndarray:
+    out = np.empty(n_resamples)
+    for start in range(0, n_resamples, _BLOCK):
+        size = min(_BLOCK, n_resamples - start)
+        out[start:start + size] = stat_of_idx(rng.integers(0, n, size=(size, n)))
+    return out
+
+
+def paired_bca(a, b, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0,
+               statistic: Callable[[np.ndarray], float] | None = None) -> BootstrapResult:
+    """BCa bootstrap CI of the paired difference b − a over items.
+
+    Default statistic: the mean of d = b − a. With `statistic=f`, f(indices) must return the
+    difference of a corpus-level metric (e.g. BLEU of system b minus system a) on those items; it is
+    recomputed on every resample of item indices and on every jackknife sample.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_bca needs two 1-d arrays of equal length, got {a.shape} and {b.shape}")
+    n = len(a)
+    d = b - a
+    everything = np.arange(n)
+    estimate = float(d.mean()) if statistic is None else float(statistic(everything))
+    if n < 2:
+        return BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence, "fewer than 2 items: no interval")
+    if statistic is None and np.all(d == d[0]):
+        return BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence,
+                               "every paired difference is equal: the bootstrap distribution is a point")
+    rng = np.random.default_rng(seed)
+    if statistic is None:
+        boot = _resample_stats(n, n_resamples, rng, lambda idx: d[idx].mean(axis=1))
+        jack = (d.sum() - d) / (n - 1)
+    else:
+        boot = _resample_stats(n, n_resamples, rng, lambda idx: np.array([statistic(row) for row in idx]))
+        jack = np.array([statistic(np.delete(everything, i)) for i in range(n)])
+    if np.all(boot == boot[0]):
+        return BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence,
+                               "every resample gives the same value: the bootstrap distribution is a point")
+    share_below = (np.sum(boot < estimate) + 0.5 * np.sum(boot == estimate)) / n_resamples
+    z0 = float(ndtri(np.clip(share_below, 1 / (2 * n_resamples), 1 - 1 / (2 * n_resamples))))
+    dev = jack.mean() - jack
+    denom = 6.0 * (np.sum(dev**2) ** 1.5)
+    accel = float(np.sum(dev**3) / denom) if denom > 0 else 0.0
+    z = ndtri(np.array([(1 - confidence) / 2, (1 + confidence) / 2]))
+    levels = ndtr(z0 + (z0 + z) / (1 - accel * (z0 + z)))
+    low, high = np.quantile(boot, levels)
+    return BootstrapResult(estimate, float(low), float(high), z0, accel, n, confidence)
+
+
+def permutation_pvalue(a, b, n_resamples: int = 10_000, seed: int = 0) -> float:
+    """Two-sided paired sign-flip test of mean(b − a) = 0; p = (1 + #extreme) / (1 + resamples)."""
+    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    if len(d) == 0 or np.all(d == 0):
+        return 1.0
+    rng = np.random.default_rng(seed)
+    observed = abs(d.mean())
+    extreme = 0
+    for start in range(0, n_resamples, _BLOCK):
+        size = min(_BLOCK, n_resamples - start)
+        signs = rng.integers(0, 2, size=(size, len(d))) * 2 - 1
+        extreme += int(np.sum(np.abs((signs * d).mean(axis=1)) >= observed - 1e-12))
+    return (1 + extreme) / (1 + n_resamples)
+
+
+def benjamini_hochberg(pvalues, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Monotone step-up adjusted p-values and the rejections at level alpha."""
+    p = np.asarray(pvalues, dtype=float)
+    if p.size == 0:
+        return p, p.astype(bool)
+    order = np.argsort(p)
+    ranked = p[order] * p.size / np.arange(1, p.size + 1)
+    adjusted = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
+    out = np.empty_like(adjusted)
+    out[order] = adjusted
+    return out, out < alpha
+
+
+def cohens_dz(a, b) -> float:
+    """Effect size of paired differences: mean(d) / sd(d)."""
+    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    sd = d.std(ddof=1) if len(d) > 1 else 0.0
+    return float(d.mean() / sd) if sd > 0 else 0.0

@@ -1,0 +1,53 @@
+"""Statistics checked against SciPy."""
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from bem.stats import benjamini_hochberg, cohens_dz, paired_bca, permutation_pvalue
+
+
+@pytest.mark.parametrize("kind,n", [("normal", 40), ("skewed", 200), ("binary", 300), ("heavy", 120)])
+def test_paired_bca_agrees_with_scipy(kind, n):
+    rng = np.random.default_rng(n)
+    a = {"normal": rng.normal(size=n), "skewed": rng.exponential(size=n), "binary": rng.integers(0, 2, n),
+         "heavy": rng.standard_t(2, size=n)}[kind].astype(float)
+    b = a + {"normal": rng.normal(0.3, 1, n), "skewed": rng.exponential(size=n) - 0.8,
+             "binary": rng.integers(0, 2, n) - rng.integers(0, 2, n) * 0.0, "heavy": rng.standard_t(3, size=n)}[kind]
+    ours = paired_bca(a, b, n_resamples=20_000, seed=1)
+    ref = sps.bootstrap((a, b), lambda x, y, axis=-1: np.mean(y - x, axis=axis), paired=True, n_resamples=20_000,
+                        method="BCa", random_state=2).confidence_interval
+    width = ref.high - ref.low
+    assert ours.estimate == pytest.approx(np.mean(b - a))
+    assert abs(ours.low - ref.low) < 0.05 * width and abs(ours.high - ref.high) < 0.05 * width
+
+
+def test_degenerate_inputs_give_a_point_and_say_why():
+    r = paired_bca([1, 1, 1], [2, 2, 2])
+    assert (r.low, r.estimate, r.high) == (1.0, 1.0, 1.0) and "equal" in r.note
+    r = paired_bca([0.5], [1.0])
+    assert r.low == r.high == 0.5 and "fewer than 2" in r.note
+
+
+def test_corpus_statistic_is_recomputed_on_resamples():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=60), rng.normal(0.5, 1, 60)
+    r = paired_bca(a, b, n_resamples=2000, statistic=lambda idx: np.median(b[idx]) - np.median(a[idx]))
+    assert r.estimate == pytest.approx(np.median(b) - np.median(a)) and r.low < r.estimate < r.high
+
+
+def test_benjamini_hochberg_equals_scipy():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        p = rng.uniform(size=rng.integers(1, 40)) ** 2
+        adjusted, rejected = benjamini_hochberg(p)
+        np.testing.assert_allclose(adjusted, sps.false_discovery_control(p), rtol=1e-12)
+        assert (rejected == (adjusted < 0.05)).all()
+
+
+def test_permutation_pvalue_small_under_effect_and_large_under_null():
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=100)
+    assert permutation_pvalue(a, a + 0.5 + rng.normal(0, 0.3, 100), n_resamples=2000) < 0.01
+    assert permutation_pvalue(a, a + rng.normal(0, 1, 100), n_resamples=2000) > 0.01
+    assert permutation_pvalue(a, a) == 1.0
+    assert cohens_dz([0, 0, 0, 0], [1, 2, 1, 2]) == pytest.approx(1.5 / np.std([1, 2, 1, 2], ddof=1))
