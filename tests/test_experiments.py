@@ -19,7 +19,7 @@ def test_shipped_experiments_load():
     assert lora.bem.controller == "static" and anchor.bem.controller == "chunk" and anchor.anchor is None
     assert lora.training.steps == anchor.training.steps == 200  # inherited from _defaults
     quick = load_experiment("S1_anchor", overlay="_quick")
-    assert quick.training.steps == 40 and quick.seeds == [0] and quick.config_hash() != anchor.config_hash()
+    assert quick.training.steps == 24 and quick.seeds == [0] and quick.config_hash() != anchor.config_hash()
 
 
 @pytest.mark.parametrize("body,message", [
@@ -170,3 +170,42 @@ def test_report_is_regenerated_identically_and_matches_the_database(tiny_setup, 
     # 4 items per task: the report says plainly that this is too small for a verdict
     assert "(too small)" in report and "NO VERDICT" in report and "sample too small" in report
     assert main(["analyze", str(out), "--json"]) == 0
+
+
+def test_wrappers_and_bem2_api_smoke(tiny_setup, tmp_path, monkeypatch):
+    """Every seed entry point through its real code path, at a tiny budget on the tiny model."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "BEM_DATA": str(tiny_setup / "data"),
+           "BEM_EXPERIMENTS": str(tiny_setup / "experiments"), "HF_HUB_OFFLINE": "1"}
+
+    def script(*args):
+        result = subprocess.run([sys.executable, str(root / args[0]), *args[1:]], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    listing = script("run_bem_experiments.py", "--list-experiments")
+    assert "tiny_bem" in listing and "tiny_lora" in listing
+    out = script("run_bem_experiments.py", "--experiments", "tiny_lora", "tiny_bem", "--out", "runs/w")
+    assert "tiny_bem" in out and (tmp_path / "runs/w/report.md").is_file()
+    assert "NO VERDICT" in script("v13_final_analysis.py", "runs/w")
+    assert "0 problems" in script("validate_structure.py")
+    profile = script("bem_profile.py", "--experiments", "tiny_bem", "--prompt-len", "8", "--out", "runs/w")
+    assert "base" in profile and "tiny_bem" in profile
+    conn = sqlite3.connect(tmp_path / "runs/w/results.sqlite")
+    assert conn.execute("SELECT COUNT(*) FROM profiles WHERE experiment='tiny_bem'").fetchone() == (5,)
+    assert "reproduce_v13_stack" in (root / "reproduce_v13_stack.py").read_text()
+
+    monkeypatch.setenv("BEM_DATA", str(tiny_setup / "data"))
+    monkeypatch.chdir(tmp_path)
+    from bem2 import BEMExperimentRunner
+
+    runner = BEMExperimentRunner(base_model=str(tiny_setup / "model"), experiments=["tiny_lora", "tiny_bem"],
+                                 statistical_validation=True, output_dir=str(tmp_path / "runs/bem2"),
+                                 experiments_dir=tiny_setup / "experiments")
+    result = runner.run_with_validation()
+    assert result["verdicts"][0]["verdict"] == "no verdict" and (tmp_path / "runs/bem2/report.md").is_file()

@@ -121,6 +121,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from bem.experiments.config import list_experiments, load_experiment
+    from bem.experiments.results import ResultsDB
+    from bem.profiling import profile
+
+    names = args.experiments or (list_experiments() if args.comprehensive else ["L0_lora", "S1_anchor"])
+    configs = [load_experiment(n) for n in names]
+    options = {"repeats": 20 if args.comprehensive else 5, "prompt_len": args.prompt_len, "batch": args.batch}
+    results = profile(configs, device=args.device, **options)
+    base = results[0]
+    print(f"{'model':14s} {'prefill p50':>11s} {'p95':>8s} {'decode p50':>10s} {'p95':>8s} {'peak MB':>8s}  decode ×base")
+    for p in results:
+        print(f"{p.name:14s} {p.prefill_p50_ms:9.1f}ms {p.prefill_p95_ms:6.1f}ms {p.decode_p50_ms:8.1f}ms "
+              f"{p.decode_p95_ms:6.1f}ms {p.peak_memory_mb:8.1f}  {p.decode_p50_ms / base.decode_p50_ms:.3f}")
+    if args.out:
+        db = ResultsDB(Path(args.out) / "results.sqlite")
+        db.write_profiles(results)
+        db.close()
+        print(f"stored in {Path(args.out) / 'results.sqlite'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bem", description="Basis Extension Modules: train and judge "
                                      "context-routed low-rank modules on frozen language models.")
@@ -143,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="write report.md and plots of a run folder from its database")
     rep.add_argument("run_dir")
     rep.set_defaults(func=cmd_report)
+    prof = sub.add_parser("profile", help="latency p50/p95 (prefill, decode step) and peak memory vs the base model")
+    prof.add_argument("--experiments", nargs="+", default=None, help="default: L0_lora S1_anchor")
+    prof.add_argument("--comprehensive", action="store_true", help="every experiment, more repeats")
+    prof.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    prof.add_argument("--prompt-len", type=int, default=128)
+    prof.add_argument("--batch", type=int, default=1)
+    prof.add_argument("--out", default=None, help="run folder whose database gets the profiles (for the gates)")
+    prof.set_defaults(func=cmd_profile)
     data = sub.add_parser("data", help="build the task suite").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="build every task's JSONL splits and manifest (idempotent)")
     prep.add_argument("--tasks", nargs="+", default=None, help="task names (default: all)")

@@ -52,7 +52,9 @@ def _units(conn) -> dict[str, dict]:
             "GROUP BY u.experiment HAVING u.finished = MAX(u.finished) ORDER BY u.experiment"):
         seeds = [s for (s,) in conn.execute("SELECT seed FROM units WHERE experiment=? AND config_hash=? ORDER BY seed",
                                             (experiment, config_hash))]
-        out[experiment] = {"hash": config_hash, "config": json.loads(config_json), "seeds": seeds}
+        profile = dict(conn.execute("SELECT metric, value FROM profiles WHERE experiment=? AND config_hash=?",
+                                    (experiment, config_hash)).fetchall())
+        out[experiment] = {"hash": config_hash, "config": json.loads(config_json), "seeds": seeds, "profile": profile}
     return out
 
 
@@ -127,12 +129,26 @@ def _verdict(name: str, versus: str, comps: list[Comparison], units: dict) -> Ve
     if abs(p_ratio - 1) > tol or abs(f_ratio - 1) > tol:
         reasons.append(f"budget parity fails: added parameters ×{p_ratio:.3f}, FLOPs/token ×{f_ratio:.3f} "
                        f"(allowed ±{tol:.0%})")
-    reasons.append("latency and memory gates not measured (bem profile has not run on this folder)")
+    ours_p = dict(_conn_profile(units, name))
+    theirs_p = dict(_conn_profile(units, versus))
+    if ours_p and theirs_p:
+        latency = ours_p["decode_p50_ms"] / theirs_p["decode_p50_ms"]
+        if latency > gates["latency_ratio"]:
+            reasons.append(f"latency gate fails: decode p50 ×{latency:.3f} (allowed ≤ ×{gates['latency_ratio']})")
+        memory = ours_p["peak_memory_mb"] / max(theirs_p["peak_memory_mb"], 1e-9)
+        if memory > gates["memory_ratio"]:
+            reasons.append(f"memory gate fails: peak memory ×{memory:.3f} (allowed ≤ ×{gates['memory_ratio']})")
+    else:
+        reasons.append("latency and memory gates not measured (run `bem profile --out` on this folder)")
     if units[name]["seeds"] and len(units[name]["seeds"]) < 2:
         reasons.append("single seed: seed-to-seed variance is not in the interval")
     blocking = [r for r in reasons if not r.startswith("single seed")]
     verdict = "no verdict" if too_small else ("promote" if not blocking else "reject")
     return Verdict(name, versus, verdict, reasons)
+
+
+def _conn_profile(units: dict, experiment: str) -> dict[str, float]:
+    return units[experiment].get("profile", {})
 
 
 def analyze(run_dir: Path, n_resamples: int = 10_000) -> dict:

@@ -18,7 +18,10 @@ import yaml
 
 from bem.config import BEMConfig, BEMConfigError
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[3] / "experiments"
+import os
+
+# $BEM_EXPERIMENTS, else the repository's experiments/ folder
+EXPERIMENTS_DIR = Path(os.environ.get("BEM_EXPERIMENTS") or Path(__file__).resolve().parents[3] / "experiments")
 TASK_NAMES = ("wordnet_qa", "bible_translate", "wordnet_define", "json_format", "easy_vqa", "safety")
 
 

@@ -84,6 +84,20 @@ class ResultsDB:
             out.setdefault(seed, {})[item] = value
         return out
 
+    def write_profiles(self, profiles) -> None:
+        with self.conn:
+            for p in profiles:
+                self.conn.execute("DELETE FROM profiles WHERE experiment=? AND config_hash=? AND device=?",
+                                  (p.name, p.config_hash, p.device))
+                self.conn.executemany("INSERT INTO profiles VALUES (?, ?, ?, ?, ?)",
+                                      [(p.name, p.config_hash, metric, getattr(p, metric), p.device)
+                                       for metric in ("prefill_p50_ms", "prefill_p95_ms", "decode_p50_ms",
+                                                      "decode_p95_ms", "peak_memory_mb")])
+
+    def profile(self, experiment: str, config_hash: str) -> dict[str, float]:
+        return dict(self.conn.execute("SELECT metric, value FROM profiles WHERE experiment=? AND config_hash=?",
+                                      (experiment, config_hash)).fetchall())
+
     def latest_hash(self, experiment: str) -> str | None:
         row = self.conn.execute("SELECT config_hash FROM units WHERE experiment=? ORDER BY finished DESC LIMIT 1",
                                 (experiment,)).fetchone()
