@@ -247,3 +247,12 @@ def test_easy_vqa_small_build(monkeypatch, tmp_path):
     expected = vqa.image_features([test_p[int(item["image"].split("/")[1])]])[0]
     assert np.allclose(features[item["feature_row"]], expected, atol=1e-2, rtol=1e-2)
     assert prep.check_leakage("easy_vqa", tmp_path) == {"image_sha": 0}
+
+
+def test_data_prepare_command(tmp_path, capsys):
+    from bem.cli import main
+
+    assert main(["data", "prepare", "--tasks", "wordnet_define", "--out", str(tmp_path)]) == 0
+    assert main(["data", "prepare", "--tasks", "wordnet_define", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "wordnet_define   built" in out and "wordnet_define   up to date" in out and "leakage {'word': 0}" in out

@@ -159,6 +159,7 @@ def test_report_is_regenerated_identically_and_matches_the_database(tiny_setup, 
     assert main(["report", str(out)]) == 0
     first = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".png")}
     assert set(first) == {"report.md", "curves.png", "forest.png", "quality_latency.png"}
+    assert any("seconds_per_item" in line for line in first["report.md"].decode().splitlines())
     assert main(["report", str(out)]) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".png")} == first
     report = first["report.md"].decode()
@@ -170,6 +171,7 @@ def test_report_is_regenerated_identically_and_matches_the_database(tiny_setup, 
     # 4 items per task: the report says plainly that this is too small for a verdict
     assert "(too small)" in report and "NO VERDICT" in report and "sample too small" in report
     assert main(["analyze", str(out), "--json"]) == 0
+    assert conn.execute("SELECT experiment, versus, verdict FROM verdicts").fetchall() == [("tiny_bem", "tiny_lora", "no verdict")]
 
 
 def test_wrappers_and_bem2_api_smoke(tiny_setup, tmp_path, monkeypatch):

@@ -65,7 +65,7 @@ def evaluate_task(model, tokenizer, task: str, n: int | None, split: str = "test
     names = rows[0]["scores"].keys()
     summary = {"task": task, "split": split, "n": len(rows), "primary": spec.primary,
                "means": {k: sum(r["scores"][k] for r in rows) / len(rows) for k in names},
-               "corpus": spec.corpus(predictions, items), "seconds": round(time.perf_counter() - start, 1)}
+               "corpus": spec.corpus(predictions, items), "seconds": round(time.perf_counter() - start, 3)}
     return rows, summary
 
 

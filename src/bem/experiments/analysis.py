@@ -152,6 +152,14 @@ def _conn_profile(units: dict, experiment: str) -> dict[str, float]:
 
 
 def analyze(run_dir: Path, n_resamples: int = 10_000) -> dict:
-    comparisons, verdicts, units = compare(Path(run_dir) / "results.sqlite", n_resamples)
+    """Comparisons and verdicts; the verdicts are also stored in the database (replacing earlier ones)."""
+    db_path = Path(run_dir) / "results.sqlite"
+    comparisons, verdicts, units = compare(db_path, n_resamples)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DELETE FROM verdicts")
+        conn.executemany("INSERT INTO verdicts VALUES (?, ?, ?, ?, ?, ?)",
+                         [(v.experiment, units[v.experiment]["hash"], v.versus, v.verdict, json.dumps(v.reasons),
+                           json.dumps([asdict(c) for c in comparisons if (c.experiment, c.versus) == (v.experiment, v.versus)]))
+                          for v in verdicts])
     return {"units": {k: {"config_hash": v["hash"], "seeds": v["seeds"]} for k, v in units.items()},
             "comparisons": [asdict(c) for c in comparisons], "verdicts": [asdict(v) for v in verdicts]}

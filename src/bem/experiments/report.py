@@ -42,15 +42,25 @@ def _forest(comparisons: list[dict], path: Path) -> None:
 
 
 def _quality_latency(conn, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    query = ("SELECT u.experiment, m.task, AVG(m.value), AVG(u.eval_seconds) FROM metrics m JOIN units u ON u.id = m.unit_id "
-             "JOIN configs c ON c.hash = u.config_hash WHERE m.metric IN ('f1', 'chrf', 'accuracy', 'json_valid') "
-             "GROUP BY u.experiment, m.task ORDER BY 1, 2")
-    for experiment, task, value, seconds in conn.execute(query):
-        ax.scatter(seconds, value, label=f"{experiment} · {task}")
-    ax.set(xlabel="evaluation wall time per unit, s (batched greedy generation; not the profiled p50)",
-           ylabel="primary metric", title="Quality vs latency")
-    ax.legend(fontsize=7)
+    """Per task: primary metric against the evaluation wall time per item (batched greedy generation)."""
+    from bem.tasks import SPECS
+
+    rows = conn.execute(
+        "SELECT u.experiment, m.task, m.metric, AVG(m.value) FROM metrics m JOIN units u ON u.id = m.unit_id "
+        "GROUP BY 1, 2, 3").fetchall()
+    values = {(e, t, m): v for e, t, m, v in rows}
+    tasks = sorted({t for _, t, _ in values})
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        primary = SPECS[task].primary
+        for experiment in sorted({e for e, t, _ in values if t == task}):
+            x = values.get((experiment, task, "seconds_per_item"))
+            y = values.get((experiment, task, primary))
+            if x is not None and y is not None:
+                ax.scatter(x, y)
+                ax.annotate(experiment, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(title=task, xlabel="eval seconds per item", ylabel=primary)
+    fig.suptitle("Quality vs latency (batched greedy generation on this machine)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata=PNG_META)
     plt.close(fig)

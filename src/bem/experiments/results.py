@@ -68,7 +68,7 @@ class ResultsDB:
             self.conn.executemany(
                 "INSERT INTO metrics VALUES (?, ?, ?, ?)",
                 [(unit, s["task"], name, value) for s in summaries
-                 for name, value in {**s["means"], **s["corpus"]}.items()])
+                 for name, value in {**s["means"], **s["corpus"], "seconds_per_item": s["seconds"] / s["n"]}.items()])
             self.conn.executemany("INSERT INTO curves VALUES (?, ?, ?, ?, ?)",
                                   [(unit, c["step"], c["loss"], c["lr"], c["grad_norm"]) for c in curve])
         return unit
