@@ -211,3 +211,39 @@ def test_wrappers_and_bem2_api_smoke(tiny_setup, tmp_path, monkeypatch):
                                  experiments_dir=tiny_setup / "experiments")
     result = runner.run_with_validation()
     assert result["verdicts"][0]["verdict"] == "no verdict" and (tmp_path / "runs/bem2/report.md").is_file()
+
+
+def test_accelerate_launch_runs_the_same_code_with_ddp(tiny_setup, tmp_path):
+    """Two CPU processes (gloo DDP) through `accelerate launch`: one unit, written once, by rank 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    launcher = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "BEM_DATA": str(tiny_setup / "data"), "BEM_EXPERIMENTS": str(tiny_setup / "experiments"),
+           "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bem.cli", "run",
+                             "--experiments", "tiny_bem", "--out", str(tmp_path / "ddp")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("results in") == 1
+    conn = sqlite3.connect(tmp_path / "ddp" / "results.sqlite")
+    assert conn.execute("SELECT COUNT(*) FROM units").fetchone() == (1,)
+    assert conn.execute("SELECT COUNT(*) FROM runs").fetchone() == (1,)
+    assert conn.execute("SELECT COUNT(*) FROM item_scores").fetchone() == (12,)
+
+
+def test_bf16_training_runs(tiny_setup, tmp_path, monkeypatch):
+    import math
+
+    from bem.experiments.training import train_unit
+
+    monkeypatch.setenv("BEM_DATA", str(tiny_setup / "data"))
+    config = load_experiment("tiny_bem", tiny_setup / "experiments")
+    config.training.precision = "bf16"
+    unit = train_unit(config, 0, tmp_path / "ckpt", stop_after=2)
+    assert len(unit.curve) == 2 and all(math.isfinite(c["loss"]) for c in unit.curve)
+    assert all(p.dtype.is_floating_point and p.dtype != __import__("torch").bfloat16
+               for p in unit.model.parameters() if p.requires_grad)  # modules stay fp32 under autocast

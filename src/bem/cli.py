@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import sys
 import time
@@ -16,10 +17,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     names = args.experiments or (QUICK_EXPERIMENTS if args.quick else list_experiments())
     tasks = sorted({t for n in names for t in load_experiment(n, overlay="_quick" if args.quick else None).tasks})
-    prepare(tasks)  # idempotent: builds only what is missing
+    if os.environ.get("RANK", "0") == "0":  # under DDP, rank 0 prepares; run `bem data prepare` first there
+        prepare(tasks)  # idempotent: builds only what is missing
     out = Path(args.out or ("runs/quick" if args.quick else "runs/main"))
     start = time.perf_counter()
     units = run(names, out, quick=args.quick, seeds=args.seeds, command=" ".join(sys.argv))
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under DDP, rank 0 reports
     for name, seed, status in units:
         print(f"{name:20s} seed {seed}: {status}")
     from bem.experiments.analysis import analyze

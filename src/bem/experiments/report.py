@@ -14,9 +14,18 @@ from bem.experiments.analysis import MIN_ITEMS, analyze  # noqa: E402
 PNG_META = {"Software": None}  # no version stamp: the same database gives the same bytes
 
 
+def _latest(conn) -> str:
+    """SQL condition selecting the units of each experiment's latest config (what the analysis compares)."""
+    ids = [i for (i,) in conn.execute(
+        "SELECT u.id FROM units u JOIN (SELECT experiment, config_hash FROM units GROUP BY experiment "
+        "HAVING finished = MAX(finished)) l ON l.experiment = u.experiment AND l.config_hash = u.config_hash")]
+    return f"u.id IN ({','.join(map(str, ids)) or 'NULL'})"
+
+
 def _curves(conn, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
-    for experiment, seed, unit in conn.execute("SELECT experiment, seed, id FROM units ORDER BY experiment, seed"):
+    for experiment, seed, unit in conn.execute(f"SELECT experiment, seed, id FROM units u WHERE {_latest(conn)} "
+                                               "ORDER BY experiment, seed"):
         steps, losses = zip(*conn.execute("SELECT step, loss FROM curves WHERE unit_id=? ORDER BY step", (unit,)))
         ax.plot(steps, losses, label=f"{experiment} s{seed}", linewidth=1)
     ax.set(xlabel="optimizer step", ylabel="training loss (target tokens)", title="Training curves")
@@ -46,8 +55,8 @@ def _quality_latency(conn, path: Path) -> None:
     from bem.tasks import SPECS
 
     rows = conn.execute(
-        "SELECT u.experiment, m.task, m.metric, AVG(m.value) FROM metrics m JOIN units u ON u.id = m.unit_id "
-        "GROUP BY 1, 2, 3").fetchall()
+        f"SELECT u.experiment, m.task, m.metric, AVG(m.value) FROM metrics m JOIN units u ON u.id = m.unit_id "
+        f"WHERE {_latest(conn)} GROUP BY 1, 2, 3").fetchall()
     values = {(e, t, m): v for e, t, m, v in rows}
     tasks = sorted({t for _, t, _ in values})
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 3.6), squeeze=False)
@@ -81,10 +90,11 @@ def write_report(run_dir: Path, n_resamples: int = 10_000) -> Path:
             "SELECT experiment, config_hash, GROUP_CONCAT(seed), SUM(train_seconds), SUM(eval_seconds) FROM units "
             "GROUP BY experiment, config_hash ORDER BY experiment"):
         lines.append(f"| {experiment} | `{config_hash}` | {seeds} | {train:.0f} | {evals:.0f} |")
-    lines += ["", "## Scores (mean over items and seeds)", "", "| experiment | task | metric | value |", "|---|---|---|---|"]
+    lines += ["", "## Scores (latest config of each experiment; mean over items and seeds)", "",
+              "| experiment | task | metric | value |", "|---|---|---|---|"]
     for experiment, task, metric, value in conn.execute(
-            "SELECT u.experiment, m.task, m.metric, AVG(m.value) FROM metrics m JOIN units u ON u.id = m.unit_id "
-            "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"):
+            f"SELECT u.experiment, m.task, m.metric, AVG(m.value) FROM metrics m JOIN units u ON u.id = m.unit_id "
+            f"WHERE {_latest(conn)} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"):
         lines.append(f"| {experiment} | {task} | {metric} | {value:.4f} |")
     lines += ["", "## Comparisons", "",
               "Paired by item (seeds averaged per item); improvement = experiment − versus (for violation: versus − "

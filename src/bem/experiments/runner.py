@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
     start = time.perf_counter()
     unit = train_unit(config, seed, checkpoint, data_root)
     train_seconds = time.perf_counter() - start
+    if not unit.is_main:  # under DDP only the main process evaluates and writes
+        return -1
     layout = side_layout(config.tasks) if config.side_inputs and config.bem.controller != "static" else None
     rows, summaries = [], []
     start = time.perf_counter()
@@ -60,9 +63,10 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
         directory: Path = EXPERIMENTS_DIR, command: str = "bem run") -> list[tuple[str, int, str]]:
     """Run every unfinished (experiment, seed) unit; returns (experiment, seed, 'done'|'skipped')."""
     configs = load_configs(names, quick, seeds, directory)
+    main_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch / torchrun only rank 0 writes
     db = ResultsDB(out / "results.sqlite")
     try:
-        run_id = db.start_run(command, quick)
+        run_id = db.start_run(command, quick) if main_process else 0
         done = []
         for config in configs:
             for seed in config.seeds:

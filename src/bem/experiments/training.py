@@ -40,6 +40,7 @@ class TrainedUnit:
     tokenizer: object
     curve: list[dict]  # one row per optimizer step: step, loss, lr, grad_norm
     resumed_from: int  # 0 if trained from scratch
+    is_main: bool = True  # the process that evaluates and writes results under DDP
 
 
 def seed_everything(seed: int) -> None:
@@ -123,6 +124,7 @@ def train_unit(config: ExperimentConfig, seed: int, checkpoint_dir: Path, data_r
         raise ValueError(f"{config.source}: no task of {config.tasks} has training targets")
     order = np.random.default_rng(seed).permutation(len(examples))
     per_step = tc.batch_size * tc.grad_accum
+    world, rank = accelerator.num_processes, accelerator.process_index  # DDP: each rank takes its own micro-batches
 
     start, curve = 0, []
     if (checkpoint_dir / "progress.json").is_file():
@@ -133,7 +135,7 @@ def train_unit(config: ExperimentConfig, seed: int, checkpoint_dir: Path, data_r
     for step in bar:
         losses = []
         for micro in range(tc.grad_accum):
-            at = (step * per_step + micro * tc.batch_size) % len(examples)
+            at = (step * per_step * world + (micro * world + rank) * tc.batch_size) % len(examples)
             idx = [order[(at + i) % len(examples)] for i in range(tc.batch_size)]
             batch = collate(tokenizer, [examples[i] for i in idx], max_length=tc.max_length)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -153,9 +155,11 @@ def train_unit(config: ExperimentConfig, seed: int, checkpoint_dir: Path, data_r
         bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}")
         done = step + 1
         if done % tc.checkpoint_every == 0 or done == tc.steps or done == stop_after:
-            _save_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer, scheduler, done, curve)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                _save_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer, scheduler, done, curve)
         if done == stop_after:
             break
     model = accelerator.unwrap_model(model)
     model.eval()
-    return TrainedUnit(model, tokenizer, curve, start)
+    return TrainedUnit(model, tokenizer, curve, start, accelerator.is_main_process)
