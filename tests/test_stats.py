@@ -51,3 +51,47 @@ def test_permutation_pvalue_small_under_effect_and_large_under_null():
     assert permutation_pvalue(a, a + rng.normal(0, 1, 100), n_resamples=2000) > 0.01
     assert permutation_pvalue(a, a) == 1.0
     assert cohens_dz([0, 0, 0, 0], [1, 2, 1, 2]) == pytest.approx(1.5 / np.std([1, 2, 1, 2], ddof=1))
+
+
+def test_hierarchical_bootstrap_widens_with_seed_variance():
+    from bem.stats import hierarchical_bootstrap
+
+    rng = np.random.default_rng(5)
+    items = rng.normal(size=150)
+    a = items + rng.normal(0, 0.01, (3, 150))
+    calm = items + 0.2 + rng.normal(0, 0.01, (3, 150))
+    noisy = items + 0.2 + rng.normal(0, 0.01, (3, 150)) + rng.normal(0, 0.3, (3, 1))  # seed-level shifts
+    r_calm = hierarchical_bootstrap(a, calm, n_resamples=2000)
+    r_noisy = hierarchical_bootstrap(a, noisy, n_resamples=2000)
+    assert r_calm.low < 0.2 < r_calm.high
+    assert (r_noisy.high - r_noisy.low) > 3 * (r_calm.high - r_calm.low)
+
+
+@pytest.mark.parametrize("controller", ["static", "chunk"])
+def test_analytic_flops_match_torch_flop_counter(controller):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bem import BEMConfig, attach_bem, bem_layers
+    from bem.layer import site_shape
+    from bem.models import tiny
+
+    tokens = 64
+    config = BEMConfig(rank=4, sites=["o_proj", "down_proj"], controller=controller, chunk_size=16)
+    ids = torch.randint(3, 128, (1, tokens))
+
+    def count(model, **kwargs):
+        with FlopCounterMode(display=False) as counter:  # (under no_grad its module tracker fails on hooks)
+            model(ids, **kwargs)
+        return counter.get_total_flops()
+
+    base = count(tiny("llama"))
+    model = attach_bem(tiny("llama"), config)
+    added = (count(model) - base) / tokens
+    matmul = sum(2 * config.rank * sum(site_shape(l.base_layer)) for l in bem_layers(model).values())
+    if controller == "static":
+        assert added == matmul
+    else:
+        c = model.bem_controller
+        per_chunk = 2 * 32 * config.controller_hidden + 2 * config.controller_hidden * c.n_sites * config.rank
+        assert added == pytest.approx(matmul + per_chunk / config.chunk_size, rel=0.10)

@@ -104,3 +104,32 @@ def cohens_dz(a, b) -> float:
     d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
     sd = d.std(ddof=1) if len(d) > 1 else 0.0
     return float(d.mean() / sd) if sd > 0 else 0.0
+
+
+def hierarchical_bootstrap(a, b, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0) -> BootstrapResult:
+    """Seed × item bootstrap of mean(b) − mean(a) for scores shaped (seeds, items).
+
+    Each resample draws items with replacement (paired across systems) and, independently per system,
+    seeds with replacement (seed k of one system is not paired with seed k of the other), so the interval
+    carries both item and seed-to-seed variance. Percentile interval (BCa's jackknife is not defined for
+    this two-level design).
+    """
+    a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"hierarchical_bootstrap needs the same items for both systems, got {a.shape} and {b.shape}")
+    n = a.shape[1]
+    estimate = float(b.mean() - a.mean())
+    if n < 2:
+        return BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence, "fewer than 2 items: no interval")
+    rng = np.random.default_rng(seed)
+    boot = np.empty(n_resamples)
+    for start in range(0, n_resamples, _BLOCK):
+        size = min(_BLOCK, n_resamples - start)
+        items = rng.integers(0, n, size=(size, n))
+        seeds_a = rng.integers(0, a.shape[0], size=(size, a.shape[0]))
+        seeds_b = rng.integers(0, b.shape[0], size=(size, b.shape[0]))
+        mean_a = np.array([a[sa][:, it].mean() for sa, it in zip(seeds_a, items)])
+        mean_b = np.array([b[sb][:, it].mean() for sb, it in zip(seeds_b, items)])
+        boot[start:start + size] = mean_b - mean_a
+    low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return BootstrapResult(estimate, float(low), float(high), 0.0, 0.0, n, confidence, "percentile (seed × item)")
