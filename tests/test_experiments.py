@@ -199,7 +199,7 @@ def test_wrappers_and_bem2_api_smoke(tiny_setup, tmp_path, monkeypatch):
     profile = script("bem_profile.py", "--experiments", "tiny_bem", "--prompt-len", "8", "--out", "runs/w")
     assert "base" in profile and "tiny_bem" in profile
     conn = sqlite3.connect(tmp_path / "runs/w/results.sqlite")
-    assert conn.execute("SELECT COUNT(*) FROM profiles WHERE experiment='tiny_bem'").fetchone() == (5,)
+    assert conn.execute("SELECT COUNT(*) FROM profiles WHERE experiment='tiny_bem'").fetchone() == (6,)
     assert "reproduce_v13_stack" in (root / "reproduce_v13_stack.py").read_text()
 
     monkeypatch.setenv("BEM_DATA", str(tiny_setup / "data"))

@@ -135,10 +135,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     options = {"repeats": 20 if args.comprehensive else 5, "prompt_len": args.prompt_len, "batch": args.batch}
     results = profile(configs, device=args.device, **options)
     base = results[0]
-    print(f"{'model':14s} {'prefill p50':>11s} {'p95':>8s} {'decode p50':>10s} {'p95':>8s} {'peak MB':>8s}  decode ×base")
+    print(f"{'model':14s} {'prefill p50':>11s} {'p95':>8s} {'decode p50':>10s} {'p95':>8s} {'peak MB':>8s} "
+          f"{'KV hit':>7s}  decode ×base")
     for p in results:
         print(f"{p.name:14s} {p.prefill_p50_ms:9.1f}ms {p.prefill_p95_ms:6.1f}ms {p.decode_p50_ms:8.1f}ms "
-              f"{p.decode_p95_ms:6.1f}ms {p.peak_memory_mb:8.1f}  {p.decode_p50_ms / base.decode_p50_ms:.3f}")
+              f"{p.decode_p95_ms:6.1f}ms {p.peak_memory_mb:8.1f} {p.kv_hit_rate:7.3f}  {p.decode_p50_ms / base.decode_p50_ms:.3f}")
     if args.out:
         db = ResultsDB(Path(args.out) / "results.sqlite")
         db.write_profiles(results)

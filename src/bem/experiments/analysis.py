@@ -138,6 +138,8 @@ def _verdict(name: str, versus: str, comps: list[Comparison], units: dict) -> Ve
         memory = ours_p["peak_memory_mb"] / max(theirs_p["peak_memory_mb"], 1e-9)
         if memory > gates["memory_ratio"]:
             reasons.append(f"memory gate fails: peak memory ×{memory:.3f} (allowed ≤ ×{gates['memory_ratio']})")
+        if ours_p.get("kv_hit_rate", 0.0) < theirs_p.get("kv_hit_rate", 0.0):
+            reasons.append(f"KV hit rate gate fails: {ours_p.get('kv_hit_rate', 0):.3f} < {theirs_p.get('kv_hit_rate', 0):.3f}")
     else:
         reasons.append("latency and memory gates not measured (run `bem profile --out` on this folder)")
     if units[name]["seeds"] and len(units[name]["seeds"]) < 2:

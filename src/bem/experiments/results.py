@@ -92,7 +92,7 @@ class ResultsDB:
                 self.conn.executemany("INSERT INTO profiles VALUES (?, ?, ?, ?, ?)",
                                       [(p.name, p.config_hash, metric, getattr(p, metric), p.device)
                                        for metric in ("prefill_p50_ms", "prefill_p95_ms", "decode_p50_ms",
-                                                      "decode_p95_ms", "peak_memory_mb")])
+                                                      "decode_p95_ms", "peak_memory_mb", "kv_hit_rate")])
 
     def profile(self, experiment: str, config_hash: str) -> dict[str, float]:
         return dict(self.conn.execute("SELECT metric, value FROM profiles WHERE experiment=? AND config_hash=?",
