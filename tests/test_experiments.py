@@ -167,7 +167,7 @@ def test_report_is_regenerated_identically_and_matches_the_database(tiny_setup, 
     expected = {(e, t, m): v for e, t, m, v in conn.execute(
         "SELECT u.experiment, m.task, m.metric, AVG(m.value) FROM metrics m JOIN units u ON u.id = m.unit_id GROUP BY 1, 2, 3")}
     shown = {(e, t, m): float(v) for e, t, m, v in re.findall(r"^\| (tiny_\w+) \| (\w+) \| (\w+) \| ([-\d.]+) \|$", report, re.M)}
-    assert shown.keys() == expected.keys() and all(abs(shown[k] - expected[k]) < 5e-5 for k in expected)
+    assert shown.keys() == expected.keys() and all(abs(shown[k] - expected[k]) <= 1e-4 for k in expected)  # 4 decimals shown
     # 4 items per task: the report says plainly that this is too small for a verdict
     assert "(too small)" in report and "NO VERDICT" in report and "sample too small" in report
     assert main(["analyze", str(out), "--json"]) == 0

@@ -112,6 +112,9 @@ def train_unit(config: ExperimentConfig, seed: int, checkpoint_dir: Path, data_r
     seed_everything(seed)
     model, tokenizer = load_base(config.model)
     attach_bem(model, config.bem)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # each unit sets its own precision; the process group (PartialState) stays
     accelerator = Accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no",
                               gradient_accumulation_steps=tc.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
