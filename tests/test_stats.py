@@ -6,19 +6,27 @@ from scipy import stats as sps
 from bem.stats import benjamini_hochberg, cohens_dz, paired_bca, permutation_pvalue
 
 
-@pytest.mark.parametrize("kind,n", [("normal", 40), ("skewed", 200), ("binary", 300), ("heavy", 120)])
+DRAWS = {
+    "normal": lambda rng, n: (rng.normal(size=n), rng.normal(0.3, 1, n)),
+    "skewed": lambda rng, n: (rng.exponential(size=n), rng.exponential(size=n) - 0.8),
+    "binary": lambda rng, n: (rng.integers(0, 2, n) * 1.0, rng.integers(0, 2, n) * 1.0),
+    "heavy": lambda rng, n: (rng.standard_t(2, size=n), rng.standard_t(3, size=n)),
+}
+
+
+@pytest.mark.parametrize("n", [10, 30, 100, 300, 1000, 5000])
+@pytest.mark.parametrize("kind", list(DRAWS))
 def test_paired_bca_agrees_with_scipy(kind, n):
+    """24 random datasets, n from 10 to 5,000: endpoints within Monte Carlo error of SciPy's BCa."""
     rng = np.random.default_rng(n)
-    a = {"normal": rng.normal(size=n), "skewed": rng.exponential(size=n), "binary": rng.integers(0, 2, n),
-         "heavy": rng.standard_t(2, size=n)}[kind].astype(float)
-    b = a + {"normal": rng.normal(0.3, 1, n), "skewed": rng.exponential(size=n) - 0.8,
-             "binary": rng.integers(0, 2, n) - rng.integers(0, 2, n) * 0.0, "heavy": rng.standard_t(3, size=n)}[kind]
-    ours = paired_bca(a, b, n_resamples=20_000, seed=1)
-    ref = sps.bootstrap((a, b), lambda x, y, axis=-1: np.mean(y - x, axis=axis), paired=True, n_resamples=20_000,
+    a, noise = DRAWS[kind](rng, n)
+    b = a + noise
+    ours = paired_bca(a, b, n_resamples=10_000, seed=1)
+    ref = sps.bootstrap((a, b), lambda x, y, axis=-1: np.mean(y - x, axis=axis), paired=True, n_resamples=10_000,
                         method="BCa", random_state=2).confidence_interval
     width = ref.high - ref.low
     assert ours.estimate == pytest.approx(np.mean(b - a))
-    assert abs(ours.low - ref.low) < 0.05 * width and abs(ours.high - ref.high) < 0.05 * width
+    assert abs(ours.low - ref.low) < 0.06 * width and abs(ours.high - ref.high) < 0.06 * width
 
 
 def test_degenerate_inputs_give_a_point_and_say_why():
