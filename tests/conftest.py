@@ -11,6 +11,25 @@ from bem.models import tiny  # noqa: E402
 
 SITES = {"llama": ["o_proj", "down_proj"], "gpt2": ["attn.c_proj", "mlp.c_proj"]}
 
+# The v1.3 variants on the tiny models (width 32, 4 heads; MLP 64 wide for llama, 128 for gpt2).
+VARIANTS = {
+    "anchor": {},
+    "pt1_head_gates": {"head_groups": 2},
+    "v1_dynrank": {"dynamic_rank": 2},
+    "v2_gate_shaping": {"head_groups": 2, "gate_features": [0, 2]},
+    "v3_kron": {"kron_sites": "down", "kron_factor": [4, 8]},
+    "v4_film": {"film": 4},
+    "all": {"head_groups": 4, "gate_features": [1], "dynamic_rank": 3, "kron_sites": "down",
+            "kron_factor": [8, 4], "kron_terms": 3, "film": 2},
+}
+
+
+def variant_options(arch: str, variant: str) -> dict:
+    options = dict(VARIANTS[variant])
+    if options.get("kron_sites") == "down":
+        options["kron_sites"] = [SITES[arch][1]]
+    return options
+
 
 def routed_tiny(arch: str, seed: int = 0, **options) -> torch.nn.Module:
     """A tiny model with BEM attached and non-trivial U and controller weights, so codes matter."""
@@ -21,7 +40,8 @@ def routed_tiny(arch: str, seed: int = 0, **options) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in bem_layers(model).values():
-            layer.U.copy_(torch.randn(layer.U.shape, generator=gen) * 0.3)
+            zero_init = layer.adapter_parameters()["U" if "U" in layer.adapter_parameters() else "B"]
+            zero_init.copy_(torch.randn(zero_init.shape, generator=gen) * 0.3)
         controller = getattr(model, "bem_controller", None)
         if controller is not None:
             for p in controller.parameters():
@@ -31,4 +51,9 @@ def routed_tiny(arch: str, seed: int = 0, **options) -> torch.nn.Module:
 
 @pytest.fixture(params=["llama", "gpt2"])
 def arch(request):
+    return request.param
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request):
     return request.param

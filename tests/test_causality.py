@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from conftest import routed_tiny
+from conftest import routed_tiny, variant_options
 
 
 @pytest.mark.parametrize("scope", ["prompt", "chunk"])
-def test_generation_with_cache_equals_full_forward(arch, scope):
-    model = routed_tiny(arch, prefix_scope=scope, hysteresis_tau=0.01)
+def test_generation_with_cache_equals_full_forward(arch, scope, variant):
+    model = routed_tiny(arch, prefix_scope=scope, hysteresis_tau=0.01, **variant_options(arch, variant))
     ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
     side = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
     runtime = model._bem_runtime
@@ -23,9 +23,9 @@ def test_generation_with_cache_equals_full_forward(arch, scope):
     assert (full[:, 6:-1] - cached).abs().max().item() <= 1e-4
 
 
-def test_manual_cache_steps_of_several_tokens(arch):
+def test_manual_cache_steps_of_several_tokens(arch, variant):
     """Calls of 1..5 tokens with a cache, crossing chunk boundaries inside a call, equal one full pass."""
-    model = routed_tiny(arch)
+    model = routed_tiny(arch, **variant_options(arch, variant))
     ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         full = model(ids, bem_prompt_len=6).logits
@@ -40,7 +40,7 @@ def test_manual_cache_steps_of_several_tokens(arch):
 
 
 def token_codes(model, ids, **kwargs):
-    """Logits and the code every token was routed with (1, T, n_sites, r)."""
+    """Logits and the routing vector every token was routed with (1, T, W)."""
     runtime, seen = model._bem_runtime, {}
     read = runtime.read
 
@@ -58,8 +58,8 @@ def token_codes(model, ids, **kwargs):
 
 @pytest.mark.parametrize("read_layer", [0, 1])
 @pytest.mark.parametrize("scope,changed_at", [("prompt", 13), ("chunk", 5), ("chunk", 13)])
-def test_changing_a_token_changes_no_earlier_logit(arch, scope, changed_at, read_layer):
-    model = routed_tiny(arch, prefix_scope=scope, read_layer=read_layer)
+def test_changing_a_token_changes_no_earlier_logit(arch, scope, changed_at, read_layer, variant):
+    model = routed_tiny(arch, prefix_scope=scope, read_layer=read_layer, **variant_options(arch, variant))
     ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(6))
     other = ids.clone()
     other[0, changed_at] = (ids[0, changed_at] + 17) % 125 + 3

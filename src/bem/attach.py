@@ -18,8 +18,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from bem.config import BEMConfig, BEMConfigError
-from bem.controller import Controller
-from bem.layer import BEMLayer
+from bem.controller import Controller, Heads
+from bem.layer import BEMLayer, KronLayer, site_shape
 from bem.runtime import BEMRuntime
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def bem_runtime(model: nn.Module) -> BEMRuntime:
 
 def bem_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable BEM tensors only (site U/V and the controller), keyed by module name."""
-    out = {f"{name}.{p}": getattr(layer, p) for name, layer in bem_layers(model).items() for p in ("U", "V")}
+    out = {f"{name}.{p}": t for name, layer in bem_layers(model).items() for p, t in layer.adapter_parameters().items()}
     controller = getattr(model, "bem_controller", None)
     if controller is not None:
         out.update({f"bem_controller.{k}": v for k, v in controller.state_dict().items()})
@@ -107,35 +107,86 @@ def attach_bem(model: nn.Module, config: BEMConfig) -> nn.Module:
                              f"{type(model).__name__}; layer names include {examples[:12]}")
 
     routed = config.controller != "static"
-    n_routed = sum(block >= config.read_layer for _, block in targets) if routed else 0
+    layers = []
+    for name, block in targets:
+        parent_name, _, child = name.rpartition(".")
+        base = getattr(model.get_submodule(parent_name), child)
+        if any(_matches(name, p) for p in config.kron_sites):
+            layer = KronLayer(base, config.kron_width, config.kron_factor, config.alpha, config.rank, config.tau_fro, name)
+        else:
+            layer = BEMLayer(base, config.rank, config.alpha, config.tau_sigma, config.tau_fro)
+        layers.append((name, block, layer))
+    _check_variant_sites(model, config, layers)
+
+    codes, gate_sites = [], 0
+    for name, block, layer in layers:
+        if routed and block >= config.read_layer:
+            layer.site_index = len(codes)
+            codes.append(layer.width)
+            if config.head_groups and any(_matches(name, p) for p in config.head_gate_sites):
+                layer.gate_index = gate_sites
+                gate_sites += 1
+    film_blocks = [b for b in range(config.read_layer, len(blocks))] if config.film else []
     controller = None
-    if n_routed:
-        controller = Controller(hidden_size(model), config.side_dim, config.controller_hidden, n_routed, config.rank)
+    if codes:
+        heads = Heads(code=codes, gate_groups=config.head_groups, gate_sites=gate_sites, film_groups=config.film,
+                      film_blocks=len(film_blocks), dynamic_rank=config.dynamic_rank, rank=config.rank,
+                      gate_features=config.gate_features, film_gamma_max=config.film_gamma_max,
+                      film_beta_max=config.film_beta_max)
+        controller = Controller(hidden_size(model), config.side_dim, config.controller_hidden, heads)
         controller.to(next(model.parameters()).device)
         model.bem_controller = controller
     runtime = BEMRuntime(config, controller)
-
-    index = 0
-    for name, block in targets:
+    for name, _, layer in layers:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = BEMLayer(getattr(parent, child), config.rank, config.alpha, config.tau_sigma, config.tau_fro)
-        if routed and block >= config.read_layer:
-            layer.site_index = index
-            index += 1
         layer._runtime = runtime
-        setattr(parent, child, layer)
-    if routed and n_routed < len(targets):
-        log.info("BEM: %d sites in blocks before read_layer=%d use c ≡ 1", len(targets) - n_routed, config.read_layer)
+        setattr(model.get_submodule(parent_name), child, layer)
+    if routed and len(codes) < len(layers):
+        log.info("BEM: %d sites in blocks before read_layer=%d use c ≡ 1", len(layers) - len(codes), config.read_layer)
 
+    runtime.hooks = []
     if controller is not None:
         read_module = model.get_input_embeddings() if config.read_layer == 0 else blocks[config.read_layer - 1]
-        runtime.hook = read_module.register_forward_hook(
-            lambda _m, _i, out: runtime.read(out[0] if isinstance(out, tuple) else out))
+        runtime.hooks.append(read_module.register_forward_hook(
+            lambda _m, _i, out: runtime.read(out[0] if isinstance(out, tuple) else out)))
+    for index, block in enumerate(film_blocks):
+        runtime.hooks.append(blocks[block].register_forward_hook(_film_hook(runtime, index), with_kwargs=True))
     model._bem_runtime = runtime
     model.bem_config = config
     _wrap_forward(model, runtime)
     return model
+
+
+def _check_variant_sites(model: nn.Module, config: BEMConfig, layers: list) -> None:
+    """Errors that name the layer when a variant cannot apply to the model's sites."""
+    where = f"{config.source}: " if config.source else ""
+    names = [name for name, _, _ in layers]
+    for option, patterns in (("kron_sites", config.kron_sites), ("head_gate_sites", config.head_gate_sites if config.head_groups else ())):
+        unmatched = [p for p in patterns if not any(_matches(n, p) for n in names)]
+        if unmatched and not (option == "head_gate_sites" and len(unmatched) < len(patterns)):
+            raise BEMConfigError(f"{where}BEMConfig.{option} = {list(patterns)} matches none of the BEM sites "
+                                 f"{sorted({n.rsplit('.', 1)[-1] for n in names})}")
+    if config.head_groups:
+        heads = getattr(model.config, "num_attention_heads", None) or getattr(model.config, "n_head", None)
+        for name, _, layer in layers:
+            if any(_matches(name, p) for p in config.head_gate_sites):
+                d_in = site_shape(layer.base_layer)[0]
+                if heads % config.head_groups or d_in % heads:
+                    raise BEMConfigError(f"{where}BEMConfig.head_groups = {config.head_groups} does not split layer "
+                                         f"{name} (input {d_in} = {heads} heads) into groups of whole heads; "
+                                         f"allowed: a divisor of {heads}")
+    if config.film and hidden_size(model) % config.film:
+        raise BEMConfigError(f"{where}BEMConfig.film = {config.film} does not divide the hidden size "
+                             f"{hidden_size(model)} into channel groups; allowed: a divisor of {hidden_size(model)}")
+
+
+def _film_hook(runtime: BEMRuntime, index: int):
+    def hook(_module, args, kwargs, out):
+        before = args[0] if args else kwargs["hidden_states"]
+        if isinstance(out, tuple):
+            return (runtime.film(index, before, out[0]),) + tuple(out[1:])
+        return runtime.film(index, before, out)
+    return hook
 
 
 def _wrap_forward(model: nn.Module, runtime: BEMRuntime) -> None:

@@ -2,14 +2,20 @@
 
 Parameters are counted exactly by attaching BEM to the model built on the `meta` device (no weights
 are loaded). FLOPs per token are analytic (a multiply-add counts 2):
-- each site: x·V (2·r·d_in), code scaling (r), ·Uᵀ (2·r·d_out), scale-and-add (2·d_out);
+- a low-rank site: x·V (2·r·d_in), code scaling (r), ·Uᵀ (2·r·d_out), scale-and-add (2·d_out);
+- a Kronecker site with t terms (PT3): X·Bᵀ (2·t·d_in·b_out), code scaling (t·a_in·b_out),
+  A·(…) (2·t·d_out·a_in), scale-and-add (2·d_out);
+- head-group gates (PT1): one multiply per input channel of each gated site (d_in);
+- residual FiLM (PT4): h + γ ⊙ (out − h) + β, 4·d per block;
 - the controller, paid once per chunk and so amortised over `chunk_size` tokens: pooling (d per
-  token) plus its two linear layers (2·(d + side_dim)·h + 2·h·n_sites·r per chunk).
-The trust region's r×r work per chunk is below 1% of this at the default sizes and is left out.
+  token) plus its trunk and heads (2·(d + side_dim)·h + 2·h·outputs per chunk; the top-k scores of
+  PT2 count as outputs). V2's evidence term is computed once per sequence and is left out.
+The trust region's small per-chunk work is below 1% of this at the default sizes and is left out.
 """
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from bem.attach import attach_bem, bem_layers, hidden_size
 from bem.config import BEMConfig
-from bem.layer import site_shape
+from bem.layer import BEMLayer, KronLayer, site_shape
 
 
 @dataclass(frozen=True)
@@ -35,17 +41,35 @@ def _model_config(model_name: str):
 
 
 def budget(model_name: str, config: BEMConfig) -> Budget:
+    """Added parameters and FLOPs per token of `config` on `model_name` (cached per config)."""
+    return _budget(model_name, config.to_json())
+
+
+@functools.lru_cache(maxsize=64)
+def _budget(model_name: str, config_json: str) -> Budget:
+    config = BEMConfig.from_dict(json.loads(config_json))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(_model_config(model_name))
     attach_bem(model, config)
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    r, flops = config.rank, 0.0
+    flops = 0.0
     for layer in bem_layers(model).values():
-        d_in, d_out = site_shape(layer.base_layer)
-        flops += 2 * r * d_in + r + 2 * r * d_out + 2 * d_out
+        flops += site_flops(layer)
     controller = getattr(model, "bem_controller", None)
     if controller is not None:
-        d, h = hidden_size(model), config.controller_hidden
-        per_chunk = 2 * (d + config.side_dim) * h + 2 * h * controller.n_sites * r
-        flops += d + per_chunk / config.chunk_size
+        d, h, heads = hidden_size(model), config.controller_hidden, controller.heads
+        outputs = heads.width + (sum(heads.code) if heads.dynamic_rank is not None else 0)
+        per_chunk = 2 * (d + config.side_dim) * h + 2 * h * outputs
+        flops += d + per_chunk / config.chunk_size + 4 * d * heads.film_blocks
     return Budget(parameters, flops, len(bem_layers(model)))
+
+
+def site_flops(layer: BEMLayer) -> float:
+    """Added FLOPs per token of one site (see the module docstring)."""
+    d_in, d_out = site_shape(layer.base_layer)
+    gate = d_in if layer.gate_index is not None else 0
+    if isinstance(layer, KronLayer):
+        t, (a_out, a_in), (b_out, _) = layer.terms, layer.a_shape, layer.b_shape
+        return 2 * t * d_in * b_out + t * a_in * b_out + 2 * t * d_out * a_in + 2 * d_out + gate
+    r = layer.rank
+    return 2 * r * d_in + r + 2 * r * d_out + 2 * d_out + gate

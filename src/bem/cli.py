@@ -38,7 +38,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from bem.budget import budget
-    from bem.experiments.config import list_experiments, load_experiment
+    from bem.experiments.config import list_experiments, load_experiment, parity_reference
 
     rows = []
     for name in list_experiments():
@@ -49,7 +49,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                      "sites": b.sites, "description": config.description, "tolerance": config.gates.parity_tolerance})
     by_name = {r["name"]: r for r in rows}
     for r in rows:
-        anchor = by_name.get(r["anchor"]) if r["anchor"] else r
+        anchor = by_name.get(parity_reference(load_experiment(r["name"])) or r["name"])
+        r["parity_with"] = anchor["name"] if anchor else None
         r["parameter_ratio"] = r["added_parameters"] / anchor["added_parameters"] if anchor else None
         r["flops_ratio"] = r["added_flops_per_token"] / anchor["added_flops_per_token"] if anchor else None
         r["within_parity"] = (None if anchor is None else

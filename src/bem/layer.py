@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from bem.trust_region import trust_region_factor
+from bem.trust_region import kron_fro_factor, trust_region_factor
 
 if TYPE_CHECKING:
     from bem.runtime import BEMRuntime
@@ -45,10 +45,20 @@ class BEMLayer(nn.Module):
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's init of lora_A
         with torch.no_grad():
             self.V.copy_(a.T)
-        self.site_index: int | None = None  # column of the controller's code; None = static (c ≡ 1)
+        self.site_index: int | None = None  # which code of the controller this site reads; None = static (c ≡ 1)
+        self.gate_index: int | None = None  # PT1: which head-group gates scale this site's input; None = no gates
         self.enabled = True
         self._runtime: BEMRuntime | None = None
         self._merged_weight: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        """Length of this site's code c (the number of basis directions)."""
+        return self.rank
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors of this site by name (saved and loaded by these names)."""
+        return {"U": self.U, "V": self.V}
 
     @property
     def merged(self) -> bool:
@@ -63,34 +73,38 @@ class BEMLayer(nn.Module):
         """Coefficients c ⊙ m (trust region applied): (B, T, r) per token, (B, 1, r) per example, or (r,)."""
         runtime = self._runtime
         mask = None if runtime is None else runtime.mask
+        dtype = next(iter(self.adapter_parameters().values())).dtype
         if mask is not None:
-            mask = mask.to(device=x.device, dtype=self.U.dtype).unsqueeze(1)  # (B, 1, r)
+            mask = mask[:, :self.width].to(device=x.device, dtype=dtype).unsqueeze(1)  # (B, 1, width)
         if self.site_index is None or runtime is None or runtime.config.controller == "static":
-            code = torch.ones(self.rank, device=x.device, dtype=self.U.dtype) if mask is None else mask
+            code = torch.ones(self.width, device=x.device, dtype=dtype) if mask is None else mask
             return self.coefficients(code)
-        codes, segment = runtime.site_codes(self.site_index)  # (B, K, r), (B, T)
-        codes = codes.to(self.U.dtype)
-        coef = self.coefficients(codes if mask is None else codes * mask)
-        if x.dim() != 3 or segment.shape != x.shape[:2]:
-            raise RuntimeError(f"BEM site got input of shape {tuple(x.shape)} but the controller "
-                               f"routed tokens of shape {tuple(segment.shape)}")
-        return torch.gather(coef, 1, segment.unsqueeze(-1).expand(-1, -1, self.rank))
+        codes = runtime.token_values("code", self.site_index, x).to(dtype)  # (B, K, width)
+        return runtime.gather(self.coefficients(codes if mask is None else codes * mask))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """s · U diag(c) Vᵀ x, per token."""
         h = x.to(self.V.dtype) @ self.V
         return (h * self.token_coefficients(x)) @ self.U.T * self.scaling
 
+    def gated_input(self, x: torch.Tensor) -> torch.Tensor:
+        """PT1: x with each head group's channels scaled by its gate (per example and chunk)."""
+        gates = self._runtime.token_values("gate", self.gate_index, x)  # (B, K, G)
+        gates = self._runtime.gather(gates).to(x.dtype)  # (B, T, G)
+        return (x.unflatten(-1, (gates.shape[-1], -1)) * gates.unsqueeze(-1)).flatten(-2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         if not self.enabled or self.merged:
-            return y
+            return self.base_layer(x)
+        if self.gate_index is not None:
+            x = self.gated_input(x)
+        y = self.base_layer(x)
         return y + self.delta(x).to(y.dtype)
 
     def delta_weight(self, code: torch.Tensor | None = None) -> torch.Tensor:
         """Dense ΔW (d_out × d_in) for one constant code (default c ≡ 1), trust region applied."""
         if code is None:
-            code = torch.ones(self.rank, device=self.U.device, dtype=self.U.dtype)
+            code = torch.ones(self.width, device=self.U.device, dtype=self.U.dtype)
         return (self.U * self.coefficients(code)) @ self.V.T * self.scaling
 
     @torch.no_grad()
@@ -110,3 +124,64 @@ class BEMLayer(nn.Module):
             raise RuntimeError("BEM site is not merged")
         self.base_layer.weight.copy_(self._merged_weight)
         self._merged_weight = None
+
+
+class KronLayer(BEMLayer):
+    """PT3/V3: ΔW = s · Σ_t c_t (A_t ⊗ B_t), applied through the reshape identity.
+
+    With x reshaped row-major to X (a_in × b_in), (A ⊗ B) x = vec(A X Bᵀ), so A ⊗ B (d_out × d_in) is
+    never built. A_t is (a_out × a_in), B_t is (b_out × b_in) with a_out·b_out = d_out and
+    a_in·b_in = d_in. B starts at zero (ΔW = 0 at step 0), A like LoRA's A. Each term has its own
+    code entry, so the controller, the dynamic rank mask and the trust region (Frobenius) compose.
+    Cost per token and term: 2·(d_in·b_out + d_out·a_in) FLOPs.
+    """
+
+    def __init__(self, base_layer: nn.Module, terms: int, factor: tuple[int, int], alpha: float, rank: int,
+                 tau_fro: float | None = None, name: str = "site"):
+        nn.Module.__init__(self)
+        self.base_layer = base_layer
+        d_in, d_out = site_shape(base_layer)
+        a_out, a_in = factor
+        if d_out % a_out or d_in % a_in:
+            raise ValueError(f"BEMConfig.kron_factor = {list(factor)} does not divide layer {name} of shape "
+                             f"(d_out, d_in) = ({d_out}, {d_in}); rows must divide {d_out} and columns {d_in}")
+        self.rank, self.terms, self.scaling = rank, terms, alpha / rank
+        self.tau_sigma, self.tau_fro = None, tau_fro
+        self.a_shape, self.b_shape = (a_out, a_in), (d_out // a_out, d_in // a_in)
+        device = base_layer.weight.device
+        self.A = nn.Parameter(torch.empty(terms, a_out, a_in, device=device, dtype=torch.float32))
+        self.B = nn.Parameter(torch.zeros(terms, *self.b_shape, device=device, dtype=torch.float32))
+        a = torch.empty(terms * a_out, a_in)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        with torch.no_grad():
+            self.A.copy_(a.view(terms, a_out, a_in))
+        self.site_index = self.gate_index = None
+        self.enabled = True
+        self._runtime = None
+        self._merged_weight = None
+
+    @property
+    def width(self) -> int:
+        return self.terms
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {"A": self.A, "B": self.B}
+
+    def coefficients(self, code: torch.Tensor) -> torch.Tensor:
+        return code * kron_fro_factor(self.A, self.B, code, self.scaling, self.tau_fro).unsqueeze(-1)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """s · Σ_t c_t A_t X B_tᵀ per token, X = x reshaped to (a_in × b_in)."""
+        coef = self.token_coefficients(x)  # (B, T, t), (B, 1, t) or (t,)
+        X = x.to(self.A.dtype).unflatten(-1, (self.a_shape[1], self.b_shape[1]))  # (..., a_in, b_in)
+        Z = torch.einsum("...kl,tjl->...tkj", X, self.B)  # (..., t, a_in, b_out)
+        Z = Z * coef.unsqueeze(-1).unsqueeze(-1)
+        Y = torch.einsum("...tkj,tik->...ij", Z, self.A)  # (..., a_out, b_out)
+        return Y.flatten(-2) * self.scaling
+
+    def delta_weight(self, code: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense ΔW = s Σ_t c_t (A_t ⊗ B_t) for one constant code: for tests and merging only."""
+        if code is None:
+            code = torch.ones(self.terms, device=self.A.device, dtype=self.A.dtype)
+        coef = self.coefficients(code)
+        return sum(coef[t] * torch.kron(self.A[t], self.B[t]) for t in range(self.terms)) * self.scaling

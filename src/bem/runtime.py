@@ -35,8 +35,9 @@ class StreamState:
     use_prompt: bool  # prompt tokens share the code read from the whole prompt
     prompt_len: torch.Tensor  # (B,)
     side: torch.Tensor  # (B, side_dim)
+    gate_bias: torch.Tensor | None  # (B, gates) V2's evidence term of the gate logits, computed once
     chunk: torch.Tensor  # (B,) segment index of the current code (-1 = prompt)
-    code: torch.Tensor  # (B, n_sites, r) current code
+    code: torch.Tensor  # (B, W) current routing vector (codes, gates, FiLM; see controller.Heads)
     window_sum: torch.Tensor  # (B, d) sum of read states over the current segment's tokens
     window_count: torch.Tensor  # (B,)
     seen: torch.Tensor  # (B,) real tokens processed so far
@@ -53,7 +54,7 @@ class BEMRuntime:
         self.state: StreamState | None = None
         self.switches = 0  # chunk-code replacements accepted so far (for tests and profiling)
         self._call: CallInputs | None = None
-        self._codes: torch.Tensor | None = None  # (B, J, n_sites, r)
+        self._codes: torch.Tensor | None = None  # (B, J, W)
         self._segment: torch.Tensor | None = None  # (B, T) index into J
 
     # --- call bookkeeping -------------------------------------------------------------------
@@ -87,12 +88,33 @@ class BEMRuntime:
     def end_call(self) -> None:
         self._call = self._codes = self._segment = None
 
-    def site_codes(self, site_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes (B, J, r) of one routed site and each token's index into J (B, T)."""
+    def token_values(self, kind: str, index: int, x: torch.Tensor) -> torch.Tensor:
+        """The `kind` output ('code', 'gate' or 'film') number `index` per segment (B, J, width),
+        for a site or block whose input `x` is (B, T, …)."""
         if self._codes is None:
             raise RuntimeError("a routed BEM site ran before the controller read its layer; call the model "
                                "through its forward (model(...) or model.generate) so BEM can route tokens")
-        return self._codes[:, :, site_index], self._segment
+        if x.dim() != 3 or self._segment.shape != x.shape[:2]:
+            raise RuntimeError(f"BEM site got input of shape {tuple(x.shape)} but the controller "
+                               f"routed tokens of shape {tuple(self._segment.shape)}")
+        offset, width = self.controller.heads.spans[kind][index]
+        return self._codes[:, :, offset:offset + width]
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-segment values (B, J, w) → per-token values (B, T, w)."""
+        return torch.gather(values, 1, self._segment.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+
+    def film(self, index: int, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """PT4: a block's output h + γ ⊙ (block(h) − h) + β, γ and β per channel group and chunk."""
+        if not self.enabled or self._codes is None:
+            return after
+        gamma, beta = self.gather(self.token_values("film", index, after)).unflatten(-1, (2, -1)).unbind(-2)
+        groups = gamma.shape[-1]
+
+        def spread(v):  # (B, T, G) → (B, T, d): each group covers d/G consecutive channels
+            return v.to(after.dtype).repeat_interleave(after.shape[-1] // groups, dim=-1)
+
+        return before + spread(gamma) * (after - before) + spread(beta)
 
     # --- routing ------------------------------------------------------------------------------
     def read(self, hidden: torch.Tensor) -> None:
@@ -128,16 +150,18 @@ class BEMRuntime:
             if not torch.equal(counts[:, 0], st.prompt_len):
                 raise ValueError(f"the whole prompt must be in the first forward call: bem_prompt_len="
                                  f"{st.prompt_len.tolist()} but the call holds {counts[:, 0].tolist()} prompt tokens")
-            current = ctrl(ctrl.summarize(sums[:, 0], counts[:, 0]), st.side)
+            current = ctrl(ctrl.summarize(sums[:, 0], counts[:, 0]), st.side, st.gate_bias)
         last = torch.where(valid, rel, 0).amax(1)  # each sequence's last segment in this call
         codes, switched = [current], []
         if n_seg > 1:
-            candidates = ctrl(ctrl.summarize(sums[:, :-1], counts[:, :-1]), st.side.unsqueeze(1).expand(-1, n_seg - 1, -1))
+            bias = None if st.gate_bias is None else st.gate_bias.unsqueeze(1)
+            candidates = ctrl(ctrl.summarize(sums[:, :-1], counts[:, :-1]),
+                              st.side.unsqueeze(1).expand(-1, n_seg - 1, -1), bias)
             for j in range(1, n_seg):
-                change = (candidates[:, j - 1] - current).pow(2).mean((-1, -2)).sqrt()
+                change = (candidates[:, j - 1] - current).pow(2).mean(-1).sqrt()
                 switch = change > self.config.hysteresis_tau
                 switch = switch & (st.chunk + j - 1 >= 0)  # the first chunk after the prompt keeps the prompt code
-                current = torch.where(switch[:, None, None], candidates[:, j - 1], current)
+                current = torch.where(switch[:, None], candidates[:, j - 1], current)
                 codes.append(current)
                 switched.append((switch & (last >= j)).sum())
             self.switches += int(torch.stack(switched).sum())  # one host sync per call, not per chunk
@@ -166,12 +190,13 @@ class BEMRuntime:
         side = call.side.to(device=dev, dtype=dt) if call.side is not None else hidden.new_zeros(batch, cfg.side_dim)
         use_prompt = cfg.prefix_scope == "prompt" and call.prompt_len is not None
         zeros = torch.zeros(batch, dtype=torch.long, device=dev)
+        gate_bias = ctrl.gate_bias(side)  # V2: from the evidence only, once per sequence
         if use_prompt:
-            chunk, code = zeros - 1, hidden.new_zeros(batch, ctrl.n_sites, ctrl.rank)
+            chunk, code = zeros - 1, hidden.new_zeros(batch, ctrl.heads.width)
         else:  # chunk-causal from the first token: chunk 0's code sees only side inputs
-            chunk, code = zeros, ctrl(ctrl.start.to(dt).expand(batch, d), side)
+            chunk, code = zeros, ctrl(ctrl.start.to(dt).expand(batch, d), side, gate_bias)
         return StreamState(
-            use_prompt=use_prompt, prompt_len=call.prompt_len if use_prompt else zeros, side=side,
+            use_prompt=use_prompt, prompt_len=call.prompt_len if use_prompt else zeros, side=side, gate_bias=gate_bias,
             chunk=chunk, code=code, window_sum=hidden.new_zeros(batch, d), window_count=zeros.clone(),
             seen=zeros.clone(), prompt_done=not use_prompt,
         )

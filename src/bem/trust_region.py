@@ -42,3 +42,15 @@ def trust_region_factor(
         fro = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(_TINY).sqrt()
         factor = factor * torch.where(fro > tau_fro, tau_fro / fro, torch.ones_like(fro))
     return factor
+
+
+def kron_fro_factor(A: torch.Tensor, B: torch.Tensor, code: torch.Tensor, scaling: float,
+                    tau_fro: float | None) -> torch.Tensor:
+    """Frobenius trust region of ΔW = s Σ_t c_t (A_t ⊗ B_t) through t×t Gram matrices:
+    ‖ΔW‖F² = s² Σ_ij c_i c_j ⟨A_i, A_j⟩ ⟨B_i, B_j⟩ (⟨A⊗B, C⊗D⟩ = ⟨A, C⟩⟨B, D⟩)."""
+    factor = torch.ones(code.shape[:-1], dtype=code.dtype, device=code.device)
+    if tau_fro is None:
+        return factor
+    gram = (A.flatten(1) @ A.flatten(1).T) * (B.flatten(1) @ B.flatten(1).T)
+    fro = ((scaling**2) * torch.einsum("...i,ij,...j->...", code, gram, code)).clamp_min(_TINY).sqrt()
+    return factor * torch.where(fro > tau_fro, tau_fro / fro, torch.ones_like(fro))

@@ -86,6 +86,9 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     anchor: str | None = "S1_anchor"
     """Experiment every verdict compares against (None: this is a baseline)."""
+    parity_with: str | None = None
+    """Experiment whose added parameters and FLOPs/token this one must match within
+    gates.parity_tolerance (default: the anchor). Baselines with `anchor: null` name it here."""
     side_inputs: bool = True
     """Feed each task's side inputs (evidence / image features) to the controller."""
     gates: Gates = field(default_factory=Gates)
@@ -218,7 +221,35 @@ def load_experiment(name_or_path: str | Path, directory: Path = EXPERIMENTS_DIR,
     config = _build(ExperimentConfig, data, "", str(path))
     config.source = str(path)
     _check(config, str(path))
+    check_parity(config, path.parent)
     return config
+
+
+def parity_reference(config: ExperimentConfig) -> str | None:
+    reference = config.anchor or config.parity_with
+    return None if reference == config.name else reference
+
+
+def parity_ratios(config: ExperimentConfig, reference: ExperimentConfig) -> tuple[float, float]:
+    """(added parameters, added FLOPs/token) of `config` over those of `reference`."""
+    from bem.budget import budget
+
+    ours, theirs = budget(config.model, config.bem), budget(reference.model, reference.bem)
+    return ours.parameters / theirs.parameters, ours.flops_per_token / theirs.flops_per_token
+
+
+def check_parity(config: ExperimentConfig, directory: Path) -> None:
+    """SPEC §7: added parameters and FLOPs/token within ±tolerance of the reference, or an error with both ratios."""
+    name = parity_reference(config)
+    if name is None:
+        return
+    reference = load_experiment(name, directory)
+    p_ratio, f_ratio = parity_ratios(config, reference)
+    tol = config.gates.parity_tolerance
+    if abs(p_ratio - 1) > tol or abs(f_ratio - 1) > tol:
+        raise ConfigError(f"{config.source}: budget parity with {name} fails: added parameters ×{p_ratio:.3f}, "
+                          f"added FLOPs/token ×{f_ratio:.3f}; both must be within ×{1 - tol:.2f}..×{1 + tol:.2f} "
+                          f"(gates.parity_tolerance = {tol}). Change bem.rank, bem.controller_hidden or the variant's size.")
 
 
 def _check(config: ExperimentConfig, source: str) -> None:
