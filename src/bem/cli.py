@@ -16,12 +16,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bem.experiments.runner import QUICK_EXPERIMENTS, run
 
     names = args.experiments or (QUICK_EXPERIMENTS if args.quick else list_experiments())
-    tasks = sorted({t for n in names for t in load_experiment(n, overlay="_quick" if args.quick else None).tasks})
+    overlay = "_quick" if args.quick else (f"_{args.preset}" if args.preset else None)
+    tasks = sorted({t for n in names for t in load_experiment(n, overlay=overlay).tasks})
     if os.environ.get("RANK", "0") == "0":  # under DDP, rank 0 prepares; run `bem data prepare` first there
         prepare(tasks)  # idempotent: builds only what is missing
     out = Path(args.out or ("runs/quick" if args.quick else "runs/main"))
     start = time.perf_counter()
-    units = run(names, out, quick=args.quick, seeds=args.seeds, command=" ".join(sys.argv))
+    units = run(names, out, quick=args.quick, seeds=args.seeds, command=" ".join(["bem"] + sys.argv[1:]), overlay=overlay)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under DDP, rank 0 reports
     for name, seed, status in units:
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="train and evaluate experiments; finished units are skipped")
     run.add_argument("--quick", action="store_true", help="the embedded default: SmolLM2-135M, L0_lora + S1_anchor, "
                      "small budgets (experiments/_quick.yaml), minutes on 2 CPU cores")
+    run.add_argument("--preset", default=None, help="apply the overlay experiments/_PRESET.yaml to every experiment "
+                     "(e.g. cpu: the 3-seed, 500-item preset of docs/results/v13_cpu sized for 2 CPU cores)")
     run.add_argument("--experiments", nargs="+", default=None, help="experiment names (default: all, or the quick pair)")
     run.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: each experiment's own)")
     run.add_argument("--out", default=None, help="run folder (default: runs/quick with --quick, else runs/main)")

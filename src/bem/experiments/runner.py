@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 QUICK_EXPERIMENTS = ["L0_lora", "S1_anchor"]
 
 
-def load_configs(names: list[str], quick: bool, seeds: int | None, directory: Path = EXPERIMENTS_DIR) -> list[ExperimentConfig]:
-    configs = [load_experiment(n, directory, overlay="_quick" if quick else None) for n in names]
+def load_configs(names: list[str], quick: bool, seeds: int | None, directory: Path = EXPERIMENTS_DIR,
+                 overlay: str | None = None) -> list[ExperimentConfig]:
+    overlay = overlay or ("_quick" if quick else None)
+    configs = [load_experiment(n, directory, overlay=overlay) for n in names]
     if seeds is not None:
         if seeds < 1:
             raise ValueError(f"--seeds {seeds}: expected an integer >= 1")
@@ -60,22 +62,23 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
 
 
 def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = None, data_root: Path | None = None,
-        directory: Path = EXPERIMENTS_DIR, command: str = "bem run") -> list[tuple[str, int, str]]:
-    """Run every unfinished (experiment, seed) unit; returns (experiment, seed, 'done'|'skipped')."""
-    configs = load_configs(names, quick, seeds, directory)
+        directory: Path = EXPERIMENTS_DIR, command: str = "bem run", overlay: str | None = None) -> list[tuple[str, int, str]]:
+    """Run every unfinished (experiment, seed) unit, seed by seed so that an interrupted run holds every
+    experiment at its first seeds; returns (experiment, seed, 'done'|'skipped')."""
+    configs = load_configs(names, quick, seeds, directory, overlay)
     main_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch / torchrun only rank 0 writes
     db = ResultsDB(out / "results.sqlite")
     try:
         run_id = db.start_run(command, quick) if main_process else 0
         done = []
-        for config in configs:
-            for seed in config.seeds:
-                if db.finished(config.name, config.config_hash(), seed):
-                    log.info("%s seed %d: finished earlier, skipped", config.name, seed)
-                    done.append((config.name, seed, "skipped"))
-                    continue
-                run_unit(db, run_id, config, seed, out, data_root)
-                done.append((config.name, seed, "done"))
+        units = sorted(((c, s) for c in configs for s in c.seeds), key=lambda u: u[0].seeds.index(u[1]))
+        for config, seed in units:
+            if db.finished(config.name, config.config_hash(), seed):
+                log.info("%s seed %d: finished earlier, skipped", config.name, seed)
+                done.append((config.name, seed, "skipped"))
+                continue
+            run_unit(db, run_id, config, seed, out, data_root)
+            done.append((config.name, seed, "done"))
         return done
     finally:
         db.close()
