@@ -115,7 +115,8 @@ class Controller(nn.Module):
     def rank_mask(self, scores: torch.Tensor) -> torch.Tensor:
         """k-hot mask per site from direction scores (…, Σ widths), straight-through to the scores.
 
-        Forward: exactly k ones per site. Backward: the gradient of σ(scores) (hard + soft − soft.detach()).
+        Forward: exactly k ones per site. Backward: the gradient of σ(scores): hard + (soft − soft.detach()),
+        where the bracket is exactly 0 in the forward (hard + soft − soft.detach() would round to 1 − 2⁻²⁴).
         """
         mask = torch.empty_like(scores)
         position = 0
@@ -126,7 +127,7 @@ class Controller(nn.Module):
             s = scores[..., idx].unflatten(-1, (n, width))
             hard = torch.zeros_like(s).scatter_(-1, s.topk(self.heads.keep(width), dim=-1).indices, 1.0)
             soft = torch.sigmoid(s)
-            mask[..., idx] = (hard + soft - soft.detach()).flatten(-2)
+            mask[..., idx] = (hard + (soft - soft.detach())).flatten(-2)  # exactly hard in the forward
         return mask
 
     def forward(self, summary: torch.Tensor, side: torch.Tensor | None, gate_bias: torch.Tensor | None = None) -> torch.Tensor:
