@@ -43,6 +43,24 @@ def test_corpus_statistic_is_recomputed_on_resamples():
     assert r.estimate == pytest.approx(np.median(b) - np.median(a)) and r.low < r.estimate < r.high
 
 
+def test_family_of_comparisons_equals_each_comparison_alone():
+    """paired_bca_family / permutation_pvalues share resamples across rows; each row is the single-comparison result."""
+    from bem.stats import paired_bca, paired_bca_family, permutation_pvalue, permutation_pvalues
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 2, (4, 300)).astype(float)
+    b = np.clip(a + rng.normal([[0.0], [0.05], [0.2], [0.0]], 0.4, (4, 300)), 0, 1)
+    b[3] = a[3] + 0.25  # degenerate row: every difference equal
+    family = paired_bca_family(a, b, n_resamples=3_000, seed=7)
+    pvalues = permutation_pvalues(a, b, n_resamples=3_000, seed=7)
+    for k in range(4):
+        alone = paired_bca(a[k], b[k], n_resamples=3_000, seed=7)
+        assert family[k].note == alone.note
+        assert (family[k].low, family[k].high) == pytest.approx((alone.low, alone.high), abs=1e-12)
+        assert pvalues[k] == permutation_pvalue(a[k], b[k], n_resamples=3_000, seed=7)
+    assert family[2].low > 0 and pvalues[2] < 0.01 and pvalues[0] > 0.01
+
+
 def test_benjamini_hochberg_equals_scipy():
     rng = np.random.default_rng(3)
     for _ in range(20):
@@ -76,16 +94,19 @@ def test_hierarchical_bootstrap_widens_with_seed_variance():
 
 
 @pytest.mark.parametrize("controller", ["static", "chunk"])
-def test_analytic_flops_match_torch_flop_counter(controller):
+@pytest.mark.parametrize("kron", [False, True])
+def test_analytic_flops_match_torch_flop_counter(controller, kron):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from bem import BEMConfig, attach_bem, bem_layers
-    from bem.layer import site_shape
+    from bem.budget import budget, site_flops
+    from bem.layer import KronLayer, site_shape
     from bem.models import tiny
 
     tokens = 64
-    config = BEMConfig(rank=4, sites=["o_proj", "down_proj"], controller=controller, chunk_size=16)
+    extra = {"kron_sites": ["down_proj"], "kron_factor": [4, 8], "kron_terms": 3} if kron else {}
+    config = BEMConfig(rank=4, sites=["o_proj", "down_proj"], controller=controller, chunk_size=16, **extra)
     ids = torch.randint(3, 128, (1, tokens))
 
     def count(model, **kwargs):
@@ -96,10 +117,31 @@ def test_analytic_flops_match_torch_flop_counter(controller):
     base = count(tiny("llama"))
     model = attach_bem(tiny("llama"), config)
     added = (count(model) - base) / tokens
-    matmul = sum(2 * config.rank * sum(site_shape(l.base_layer)) for l in bem_layers(model).values())
+
+    def matmul(layer):  # the matrix products of a site (the flop counter counts no elementwise work)
+        d_in, d_out = site_shape(layer.base_layer)
+        if isinstance(layer, KronLayer):
+            return 2 * layer.terms * (d_in * layer.b_shape[0] + d_out * layer.a_shape[1])
+        return 2 * config.rank * (d_in + d_out)
+
+    layers = bem_layers(model).values()
+    assert any(isinstance(layer, KronLayer) for layer in layers) == kron
+    matmuls = sum(matmul(layer) for layer in layers)
+    elementwise = sum(site_flops(layer) - matmul(layer) for layer in layers)
+    assert 0 < elementwise < 0.2 * matmuls
     if controller == "static":
-        assert added == matmul
+        assert added == matmuls
+        assert budget_flops(model, config, budget) == pytest.approx(matmuls + elementwise)
     else:
         c = model.bem_controller
-        per_chunk = 2 * 32 * config.controller_hidden + 2 * config.controller_hidden * c.n_sites * config.rank
-        assert added == pytest.approx(matmul + per_chunk / config.chunk_size, rel=0.10)
+        per_chunk = 2 * 32 * config.controller_hidden + 2 * config.controller_hidden * c.heads.width
+        assert added == pytest.approx(matmuls + per_chunk / config.chunk_size, rel=0.10)
+
+
+def budget_flops(model, config, budget):
+    """budget() of a tiny model: it counts FLOPs from the model's config, built on the meta device."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.config.save_pretrained(folder)
+        return budget(folder, config).flops_per_token

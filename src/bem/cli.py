@@ -127,13 +127,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+RATIO_METRICS = ("prefill_p50_ms", "decode_p50_ms", "decode_p95_ms", "peak_memory_mb", "kv_hit_rate")
+
+
+def profile_ratios(results, configs) -> list[tuple]:
+    """(experiment, config_hash, versus, metric, ratio, device): each experiment over the base model and over
+    its anchor (and static LoRA), all measured in this one process."""
+    by_name = {p.name: p for p in results}
+    anchors = {c.name: [c.anchor or c.parity_with, "L0_lora"] for c in configs}
+    rows = []
+    for p in results[1:]:
+        for versus in dict.fromkeys(["base"] + anchors.get(p.name, [])):
+            other = by_name.get(versus)
+            if other is None or other is p:
+                continue
+            for metric in RATIO_METRICS:
+                mine, theirs = getattr(p, metric), getattr(other, metric)
+                rows.append((p.name, p.config_hash, versus, metric, mine / theirs if theirs else float("nan"), p.device))
+    return rows
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from bem.experiments.config import list_experiments, load_experiment
     from bem.experiments.results import ResultsDB
     from bem.profiling import profile
 
     names = args.experiments or (list_experiments() if args.comprehensive else ["L0_lora", "S1_anchor"])
-    configs = [load_experiment(n) for n in names]
+    overlay = "_quick" if args.quick else (f"_{args.preset}" if args.preset else None)
+    configs = [load_experiment(n, overlay=overlay) for n in names]  # the overlay only changes the config hash
     options = {"repeats": 20 if args.comprehensive else 5, "prompt_len": args.prompt_len, "batch": args.batch}
     results = profile(configs, device=args.device, **options)
     base = results[0]
@@ -142,9 +163,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     for p in results:
         print(f"{p.name:14s} {p.prefill_p50_ms:9.1f}ms {p.prefill_p95_ms:6.1f}ms {p.decode_p50_ms:8.1f}ms "
               f"{p.decode_p95_ms:6.1f}ms {p.peak_memory_mb:8.1f} {p.kv_hit_rate:7.3f}  {p.decode_p50_ms / base.decode_p50_ms:.3f}")
+    ratios = profile_ratios(results, configs)
+    for experiment, _, versus, metric, ratio, _ in ratios:
+        if versus != "base":
+            print(f"  {experiment} vs {versus}: {metric} ×{ratio:.3f}")
     if args.out:
         db = ResultsDB(Path(args.out) / "results.sqlite")
         db.write_profiles(results)
+        db.write_profile_ratios(ratios)
         db.close()
         print(f"stored in {Path(args.out) / 'results.sqlite'}")
     return 0
@@ -180,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     prof.add_argument("--prompt-len", type=int, default=128)
     prof.add_argument("--batch", type=int, default=1)
+    prof.add_argument("--preset", default=None, help="the overlay the run folder was made with (matches its config hashes)")
+    prof.add_argument("--quick", action="store_true", help="same as --preset quick")
     prof.add_argument("--out", default=None, help="run folder whose database gets the profiles (for the gates)")
     prof.set_defaults(func=cmd_profile)
     data = sub.add_parser("data", help="build the task suite").add_subparsers(dest="data_command", required=True)

@@ -64,6 +64,12 @@ def paired_bca(a, b, n_resamples: int = 10_000, confidence: float = 0.95, seed: 
         rng = np.random.default_rng(seed)
         boot = np.array([statistic(rng.integers(0, n, n)) for _ in range(n_resamples)])
         jack = np.array([statistic(np.delete(everything, i)) for i in range(n)])
+    return _bca_interval(estimate, boot, jack, n, confidence)
+
+
+def _bca_interval(estimate: float, boot: np.ndarray, jack: np.ndarray, n: int, confidence: float) -> BootstrapResult:
+    """The BCa interval from bootstrap replicates and jackknife values."""
+    n_resamples = len(boot)
     if np.all(boot == boot[0]):
         return BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence,
                                "every resample gives the same value: the bootstrap distribution is a point")
@@ -76,6 +82,59 @@ def paired_bca(a, b, n_resamples: int = 10_000, confidence: float = 0.95, seed: 
     levels = ndtr(z0 + (z0 + z) / (1 - accel * (z0 + z)))
     low, high = np.quantile(boot, levels)
     return BootstrapResult(estimate, float(low), float(high), z0, accel, n, confidence)
+
+
+def paired_bca_family(a, b, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0) -> list[BootstrapResult]:
+    """BCa intervals of the mean paired difference for m comparisons on the same n items.
+
+    `a` and `b` are (m, n): row k compares system b[k] with a[k] on the same items in the same order.
+    All rows share the resampled item sets (common random numbers): each resample's item counts
+    (a (block × n) matrix) are drawn once, and every row's resample mean is one matrix product.
+    Each row's interval is an ordinary BCa bootstrap; only the Monte Carlo noise is shared. This is
+    what makes a family of comparisons cheap (scripts/bench_stats.py).
+    """
+    a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"paired_bca_family needs two (m, n) arrays of equal shape, got {a.shape} and {b.shape}")
+    m, n = a.shape
+    d = b - a
+    if n < 2:
+        return [paired_bca(a[k], b[k], n_resamples, confidence, seed) for k in range(m)]
+
+    def means(rng, size):
+        idx = rng.integers(0, n, (size, n)) + (np.arange(size) * n)[:, None]
+        counts = np.bincount(idx.ravel(), minlength=size * n).reshape(size, n)
+        return (counts.astype(float) @ d.T) / n  # (size, m)
+
+    boot = _blocks(n_resamples, seed, means)
+    out = []
+    for k in range(m):
+        estimate = float(d[k].mean())
+        if np.all(d[k] == d[k, 0]):
+            out.append(BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence,
+                                       "every paired difference is equal: the bootstrap distribution is a point"))
+            continue
+        out.append(_bca_interval(estimate, boot[:, k], (d[k].sum() - d[k]) / (n - 1), n, confidence))
+    return out
+
+
+def permutation_pvalues(a, b, n_resamples: int = 10_000, seed: int = 0) -> np.ndarray:
+    """Two-sided sign-flip p-values for m comparisons on the same n items ((m, n) arrays), sharing the signs."""
+    d = np.atleast_2d(np.asarray(b, dtype=float) - np.asarray(a, dtype=float))
+    m, n = d.shape
+    if n == 0:
+        return np.ones(m)
+    observed, total = np.abs(d.mean(1)), d.sum(1)
+    dt = d.T.astype(np.float32)
+
+    def extreme(rng, size):
+        bits = np.unpackbits(rng.integers(0, 256, (size, (n + 7) // 8), dtype=np.uint8), axis=1)[:, :n]
+        means = np.abs(2.0 * (bits.astype(np.float32) @ dt).astype(np.float64) - total) / n  # (size, m)
+        return (means >= observed * (1 - 1e-6) - 1e-12).astype(float)
+
+    hits = _blocks(n_resamples, seed, extreme).sum(0)
+    p = (1 + hits) / (1 + n_resamples)
+    return np.where(np.all(d == 0, axis=1), 1.0, p)
 
 
 def permutation_pvalue(a, b, n_resamples: int = 10_000, seed: int = 0) -> float:

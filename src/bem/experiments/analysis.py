@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bem.stats import benjamini_hochberg, cohens_dz, paired_bca, permutation_pvalue
+from bem.stats import benjamini_hochberg, cohens_dz, paired_bca_family, permutation_pvalues
 from bem.tasks import SPECS
 
 LOWER_IS_BETTER = {"violation", "violation_prob"}
@@ -54,7 +54,12 @@ def _units(conn) -> dict[str, dict]:
                                             (experiment, config_hash))]
         profile = dict(conn.execute("SELECT metric, value FROM profiles WHERE experiment=? AND config_hash=?",
                                     (experiment, config_hash)).fetchall())
-        out[experiment] = {"hash": config_hash, "config": json.loads(config_json), "seeds": seeds, "profile": profile}
+        ratios: dict[str, dict[str, float]] = {}
+        for versus, metric, ratio in conn.execute("SELECT versus, metric, ratio FROM profile_ratios WHERE experiment=? "
+                                                  "AND config_hash=?", (experiment, config_hash)):
+            ratios.setdefault(versus, {})[metric] = ratio
+        out[experiment] = {"hash": config_hash, "config": json.loads(config_json), "seeds": seeds, "profile": profile,
+                           "ratios": ratios}
     return out
 
 
@@ -79,6 +84,7 @@ def compare(db_path: Path, n_resamples: int = 10_000) -> tuple[list[Comparison],
         for versus in dict.fromkeys([unit["config"]["anchor"], BASELINE]):
             if versus and versus != name and versus in units:
                 pairs.append((name, versus))
+    rows = []  # (name, versus, task, slice, metric, ids, a, b, sign)
     for name, versus in pairs:
         for task in units[name]["config"]["tasks"]:
             metric = SPECS[task].primary
@@ -88,14 +94,25 @@ def compare(db_path: Path, n_resamples: int = 10_000) -> tuple[list[Comparison],
             slices = [("B", common)] + ([("A", [i for i in common if (task, i) in slice_a])] if task == "wordnet_qa" else [])
             for slice_name, ids in slices:
                 sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-                a = sign * np.array([theirs[i] for i in ids])
-                b = sign * np.array([ours[i] for i in ids])
-                r = paired_bca(a, b, n_resamples=n_resamples)
-                comparisons.append(Comparison(
-                    name, versus, task, slice_name, metric, len(ids), len(units[name]["seeds"]),
-                    float(np.mean(b) * sign) if len(ids) else float("nan"), float(np.mean(a) * sign) if len(ids) else float("nan"),
-                    r.estimate, r.low, r.high, permutation_pvalue(a, b, n_resamples=n_resamples), effect_size=cohens_dz(a, b),
-                    note=r.note))
+                rows.append((name, versus, task, slice_name, metric, ids, sign * np.array([theirs[i] for i in ids]),
+                             sign * np.array([ours[i] for i in ids]), sign))
+    # comparisons on the same items share their resamples (stats.paired_bca_family): one pass per item set
+    groups: dict[tuple, list[int]] = {}
+    for k, row in enumerate(rows):
+        groups.setdefault((row[2], row[3], tuple(row[5])), []).append(k)
+    results: dict[int, tuple] = {}
+    for members in groups.values():
+        a = np.array([rows[k][6] for k in members]).reshape(len(members), -1)
+        b = np.array([rows[k][7] for k in members]).reshape(len(members), -1)
+        intervals = paired_bca_family(a, b, n_resamples=n_resamples)
+        pvalues = permutation_pvalues(a, b, n_resamples=n_resamples)
+        results.update({k: (r, float(p)) for k, r, p in zip(members, intervals, pvalues)})
+    for k, (name, versus, task, slice_name, metric, ids, a, b, sign) in enumerate(rows):
+        r, p = results[k]
+        comparisons.append(Comparison(
+            name, versus, task, slice_name, metric, len(ids), len(units[name]["seeds"]),
+            float(np.mean(b) * sign) if len(ids) else float("nan"), float(np.mean(a) * sign) if len(ids) else float("nan"),
+            r.estimate, r.low, r.high, p, effect_size=cohens_dz(a, b), note=r.note))
     adjusted, _ = benjamini_hochberg([c.p for c in comparisons])
     for c, p in zip(comparisons, adjusted):
         c.p_bh = float(p)
@@ -131,11 +148,12 @@ def _verdict(name: str, versus: str, comps: list[Comparison], units: dict) -> Ve
                        f"(allowed ±{tol:.0%})")
     ours_p = dict(_conn_profile(units, name))
     theirs_p = dict(_conn_profile(units, versus))
-    if ours_p and theirs_p:
-        latency = ours_p["decode_p50_ms"] / theirs_p["decode_p50_ms"]
+    stored = units[name].get("ratios", {}).get(versus)  # measured in one `bem profile` process: preferred
+    if stored or (ours_p and theirs_p):
+        latency = stored["decode_p50_ms"] if stored else ours_p["decode_p50_ms"] / theirs_p["decode_p50_ms"]
         if latency > gates["latency_ratio"]:
             reasons.append(f"latency gate fails: decode p50 ×{latency:.3f} (allowed ≤ ×{gates['latency_ratio']})")
-        memory = ours_p["peak_memory_mb"] / max(theirs_p["peak_memory_mb"], 1e-9)
+        memory = stored["peak_memory_mb"] if stored else ours_p["peak_memory_mb"] / max(theirs_p["peak_memory_mb"], 1e-9)
         if memory > gates["memory_ratio"]:
             reasons.append(f"memory gate fails: peak memory ×{memory:.3f} (allowed ≤ ×{gates['memory_ratio']})")
         if ours_p.get("kv_hit_rate", 0.0) < theirs_p.get("kv_hit_rate", 0.0):

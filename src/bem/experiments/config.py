@@ -84,8 +84,8 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    anchor: str | None = "S1_anchor"
-    """Experiment every verdict compares against (None: this is a baseline)."""
+    anchor: str | None = None
+    """Experiment every verdict compares against (None: this is a baseline; experiments/_defaults.yaml sets S1_anchor)."""
     parity_with: str | None = None
     """Experiment whose added parameters and FLOPs/token this one must match within
     gates.parity_tolerance (default: the anchor). Baselines with `anchor: null` name it here."""

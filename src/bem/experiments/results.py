@@ -24,6 +24,8 @@ CREATE TABLE IF NOT EXISTS item_meta (task TEXT, item_id TEXT, key TEXT, value R
 CREATE TABLE IF NOT EXISTS metrics (unit_id INTEGER REFERENCES units(id), task TEXT, metric TEXT, value REAL);
 CREATE TABLE IF NOT EXISTS curves (unit_id INTEGER REFERENCES units(id), step INTEGER, loss REAL, lr REAL, grad_norm REAL);
 CREATE TABLE IF NOT EXISTS profiles (experiment TEXT, config_hash TEXT, metric TEXT, value REAL, device TEXT);
+CREATE TABLE IF NOT EXISTS profile_ratios (experiment TEXT, config_hash TEXT, versus TEXT, metric TEXT, ratio REAL,
+    device TEXT);
 CREATE TABLE IF NOT EXISTS verdicts (experiment TEXT, config_hash TEXT, versus TEXT, verdict TEXT, reasons TEXT, json TEXT);
 """
 
@@ -93,6 +95,14 @@ class ResultsDB:
                                       [(p.name, p.config_hash, metric, getattr(p, metric), p.device)
                                        for metric in ("prefill_p50_ms", "prefill_p95_ms", "decode_p50_ms",
                                                       "decode_p95_ms", "peak_memory_mb", "kv_hit_rate")])
+
+    def write_profile_ratios(self, rows: list[tuple]) -> None:
+        """Rows (experiment, config_hash, versus, metric, ratio, device), measured in one process."""
+        with self.conn:
+            for experiment, config_hash, versus, _, _, device in {r[:3] + (None, None, r[5]) for r in rows}:
+                self.conn.execute("DELETE FROM profile_ratios WHERE experiment=? AND config_hash=? AND versus=? "
+                                  "AND device=?", (experiment, config_hash, versus, device))
+            self.conn.executemany("INSERT INTO profile_ratios VALUES (?, ?, ?, ?, ?, ?)", rows)
 
     def profile(self, experiment: str, config_hash: str) -> dict[str, float]:
         return dict(self.conn.execute("SELECT metric, value FROM profiles WHERE experiment=? AND config_hash=?",
