@@ -181,5 +181,5 @@ def analyze(run_dir: Path, n_resamples: int = 10_000) -> dict:
                          [(v.experiment, units[v.experiment]["hash"], v.versus, v.verdict, json.dumps(v.reasons),
                            json.dumps([asdict(c) for c in comparisons if (c.experiment, c.versus) == (v.experiment, v.versus)]))
                           for v in verdicts])
-    return {"units": {k: {"config_hash": v["hash"], "seeds": v["seeds"]} for k, v in units.items()},
+    return {"units": {k: {"config_hash": v["hash"], "seeds": v["seeds"], "config": v["config"]} for k, v in units.items()},
             "comparisons": [asdict(c) for c in comparisons], "verdicts": [asdict(v) for v in verdicts]}
