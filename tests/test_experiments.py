@@ -1,6 +1,7 @@
 """Experiment configs, training with resume, the results database and the runner, on a tiny model."""
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -272,3 +273,25 @@ def test_bf16_training_runs(tiny_setup, tmp_path, monkeypatch):
     assert len(unit.curve) == 2 and all(math.isfinite(c["loss"]) for c in unit.curve)
     assert all(p.dtype.is_floating_point and p.dtype != __import__("torch").bfloat16
                for p in unit.model.parameters() if p.requires_grad)  # modules stay fp32 under autocast
+
+
+def test_corpus_comparisons_recompute_the_stored_corpus_scores(tmp_path):
+    """On the committed quick run: corpus chrF/BLEU rows exist, and their point values equal the corpus scores
+    that sacrebleu computed at evaluation time (metrics table), from the stored predictions and references."""
+    import shutil
+
+    from bem.experiments.analysis import compare
+
+    shutil.copy(Path(__file__).parents[1] / "docs/results/quick/results.sqlite", tmp_path / "results.sqlite")
+    comparisons, verdicts, units = compare(tmp_path / "results.sqlite", n_resamples=500)
+    conn = sqlite3.connect(tmp_path / "results.sqlite")
+    for metric in ("corpus_chrf", "corpus_bleu"):
+        row = next(c for c in comparisons if c.metric == metric)
+        assert row.task == "bible_translate" and row.n == 100 and row.low < row.difference < row.high
+        for experiment, value in ((row.experiment, row.mean_experiment), (row.versus, row.mean_versus)):
+            stored = conn.execute("SELECT m.value FROM metrics m JOIN units u ON u.id = m.unit_id WHERE u.experiment=? "
+                                  "AND u.config_hash=? AND m.task='bible_translate' AND m.metric=?",
+                                  (experiment, units[experiment]["hash"], metric)).fetchone()[0]
+            assert value == pytest.approx(stored, abs=1e-9)
+    # verdicts are about the primary metric only; corpus rows join the BH family
+    assert all("corpus" not in reason for v in verdicts for reason in v.reasons)

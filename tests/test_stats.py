@@ -145,3 +145,49 @@ def budget_flops(model, config, budget):
     with tempfile.TemporaryDirectory() as folder:
         model.config.save_pretrained(folder)
         return budget(folder, config).flops_per_token
+
+
+def _translations(n=60):
+    rng = np.random.default_rng(5)
+    words = "in the beginning god created heaven and earth light darkness water spirit day night".split()
+    refs = [" ".join(rng.choice(words, rng.integers(5, 12))) for _ in range(n)]
+    a = [" ".join(r.split()[: len(r.split()) // 2]) for r in refs]  # half of each reference
+    b = [" ".join(r.split()[:-1]) for r in refs]  # all but the last word: clearly better
+    return refs, a, b
+
+
+@pytest.mark.parametrize("metric", ["corpus_chrf", "corpus_bleu"])
+def test_corpus_statistics_reproduce_sacrebleu_corpus_scores(metric):
+    from bem import metrics
+
+    refs, a, _ = _translations()
+    stats = metrics.corpus_statistics(metric, a, refs)
+    direct = (metrics.corpus_chrf if metric == "corpus_chrf" else metrics.corpus_bleu)(a, refs)
+    assert metrics.corpus_score_from_statistics(metric)(stats.sum(0)) == pytest.approx(direct, abs=1e-9)
+    # any multiset of sentences: the row sum of their statistics
+    pick = [3, 3, 7, 0, 59, 12]
+    again = (metrics.corpus_chrf if metric == "corpus_chrf" else metrics.corpus_bleu)([a[i] for i in pick], [refs[i] for i in pick])
+    assert metrics.corpus_score_from_statistics(metric)(stats[pick].sum(0)) == pytest.approx(again, abs=1e-9)
+
+
+def test_corpus_bca_agrees_with_recomputing_sacrebleu_on_each_resample():
+    """The fast path (summed statistics) and the generic statistic= path (sacrebleu on each resample)."""
+    from bem import metrics
+    from bem.stats import paired_bca, paired_bca_corpus, permutation_pvalue_corpus
+
+    refs, a, b = _translations()
+    sa, sb = (metrics.corpus_statistics("corpus_chrf", h, refs) for h in (a, b))
+    fast = paired_bca_corpus(sa, sb, metrics.corpus_score_from_statistics("corpus_chrf"), n_resamples=2_000)
+
+    def chrf_difference(idx):
+        return (metrics.corpus_chrf([b[i] for i in idx], [refs[i] for i in idx])
+                - metrics.corpus_chrf([a[i] for i in idx], [refs[i] for i in idx]))
+    slow = paired_bca(np.zeros(60), np.zeros(60), n_resamples=2_000, statistic=chrf_difference)
+    assert fast.estimate == pytest.approx(slow.estimate, abs=1e-9)
+    assert fast.acceleration == pytest.approx(slow.acceleration, abs=1e-9)  # same jackknife
+    width = slow.high - slow.low
+    assert abs(fast.low - slow.low) < 0.15 * width and abs(fast.high - slow.high) < 0.15 * width
+    assert fast.low > 0
+    score = metrics.corpus_score_from_statistics("corpus_chrf")
+    assert permutation_pvalue_corpus(sa, sb, score, n_resamples=2_000) < 0.01
+    assert permutation_pvalue_corpus(sa, sa, score) == 1.0

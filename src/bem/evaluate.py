@@ -61,7 +61,8 @@ def evaluate_task(model, tokenizer, task: str, n: int | None, split: str = "test
     predictions = generate(model, tokenizer, [spec.prompt(it) for it in items], spec.max_new_tokens, batch_size,
                            side=side, desc=f"{task}")
     rows = [{"task": task, "id": it["id"], "prediction": p, "scores": spec.score(p, it),
-             "meta": {"slice_a": float(it["slice_a"])} if "slice_a" in it else {}} for it, p in zip(items, predictions)]
+             "meta": {"slice_a": float(it["slice_a"])} if "slice_a" in it else {},
+             "reference": spec.reference(it)} for it, p in zip(items, predictions)]
     names = rows[0]["scores"].keys()
     summary = {"task": task, "split": split, "n": len(rows), "primary": spec.primary,
                "means": {k: sum(r["scores"][k] for r in rows) / len(rows) for k in names},

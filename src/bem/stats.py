@@ -102,9 +102,7 @@ def paired_bca_family(a, b, n_resamples: int = 10_000, confidence: float = 0.95,
         return [paired_bca(a[k], b[k], n_resamples, confidence, seed) for k in range(m)]
 
     def means(rng, size):
-        idx = rng.integers(0, n, (size, n)) + (np.arange(size) * n)[:, None]
-        counts = np.bincount(idx.ravel(), minlength=size * n).reshape(size, n)
-        return (counts.astype(float) @ d.T) / n  # (size, m)
+        return (_counts(rng, size, n) @ d.T) / n  # (size, m)
 
     boot = _blocks(n_resamples, seed, means)
     out = []
@@ -135,6 +133,60 @@ def permutation_pvalues(a, b, n_resamples: int = 10_000, seed: int = 0) -> np.nd
     hits = _blocks(n_resamples, seed, extreme).sum(0)
     p = (1 + hits) / (1 + n_resamples)
     return np.where(np.all(d == 0, axis=1), 1.0, p)
+
+
+def _counts(rng, size: int, n: int) -> np.ndarray:
+    """Multiplicities (size, n) of n items drawn with replacement, `size` times."""
+    idx = rng.integers(0, n, (size, n)) + (np.arange(size) * n)[:, None]
+    return np.bincount(idx.ravel(), minlength=size * n).reshape(size, n).astype(float)
+
+
+def paired_bca_corpus(stats_a, stats_b, score: Callable[[np.ndarray], float], n_resamples: int = 10_000,
+                      confidence: float = 0.95, seed: int = 0) -> BootstrapResult:
+    """BCa interval of score(Σ stats_b) − score(Σ stats_a) for a corpus metric over paired items.
+
+    `stats_a`, `stats_b` are per-item sufficient statistics (n, k) (see metrics.corpus_statistics); the
+    corpus statistic is recomputed on every resample of item indices (the resample's statistics are one
+    matrix product of item counts) and on every jackknife sample (SPEC §7).
+    """
+    sa, sb = np.asarray(stats_a, dtype=float), np.asarray(stats_b, dtype=float)
+    if sa.shape != sb.shape or sa.ndim != 2:
+        raise ValueError(f"paired_bca_corpus needs two (n, k) statistic arrays of equal shape, got {sa.shape} and {sb.shape}")
+    n = len(sa)
+    estimate = score(sb.sum(0)) - score(sa.sum(0)) if n else float("nan")
+    if n < 2:
+        return BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence, "fewer than 2 items: no interval")
+    both = np.concatenate([sa, sb], axis=1)
+    k = sa.shape[1]
+
+    def replicate(rng, size):
+        summed = _counts(rng, size, n) @ both
+        return np.array([score(row[k:]) - score(row[:k]) for row in summed])
+
+    boot = _blocks(n_resamples, seed, replicate)
+    total = both.sum(0)
+    jack = np.array([score(row[k:]) - score(row[:k]) for row in total - both])
+    return _bca_interval(estimate, boot, jack, n, confidence)
+
+
+def permutation_pvalue_corpus(stats_a, stats_b, score: Callable[[np.ndarray], float], n_resamples: int = 10_000,
+                              seed: int = 0) -> float:
+    """Two-sided paired approximate-randomisation test of a corpus metric: each resample swaps the two
+    systems' outputs on a random half of the items (the sign flip of a corpus statistic)."""
+    sa, sb = np.asarray(stats_a, dtype=float), np.asarray(stats_b, dtype=float)
+    n = len(sa)
+    if n == 0 or np.array_equal(sa, sb):
+        return 1.0
+    observed = abs(score(sb.sum(0)) - score(sa.sum(0)))
+    diff, total_a, total_b = sb - sa, sa.sum(0), sb.sum(0)
+
+    def extreme(rng, size):
+        swap = np.unpackbits(rng.integers(0, 256, (size, (n + 7) // 8), dtype=np.uint8), axis=1)[:, :n].astype(float)
+        moved = swap @ diff  # what the swapped items move from b to a
+        deltas = np.array([score(total_b - m) - score(total_a + m) for m in moved])
+        return (np.abs(deltas) >= observed * (1 - 1e-9) - 1e-12).astype(float)
+
+    return (1 + int(_blocks(n_resamples, seed, extreme).sum())) / (1 + n_resamples)
 
 
 def permutation_pvalue(a, b, n_resamples: int = 10_000, seed: int = 0) -> float:

@@ -113,6 +113,7 @@ def compare(db_path: Path, n_resamples: int = 10_000) -> tuple[list[Comparison],
             name, versus, task, slice_name, metric, len(ids), len(units[name]["seeds"]),
             float(np.mean(b) * sign) if len(ids) else float("nan"), float(np.mean(a) * sign) if len(ids) else float("nan"),
             r.estimate, r.low, r.high, p, effect_size=cohens_dz(a, b), note=r.note))
+    comparisons += _corpus_comparisons(conn, units, pairs, n_resamples)
     adjusted, _ = benjamini_hochberg([c.p for c in comparisons])
     for c, p in zip(comparisons, adjusted):
         c.p_bh = float(p)
@@ -122,12 +123,83 @@ def compare(db_path: Path, n_resamples: int = 10_000) -> tuple[list[Comparison],
     return comparisons, verdicts, units
 
 
+CORPUS_METRICS = {"bible_translate": ("corpus_chrf", "corpus_bleu")}  # tasks with corpus-level metrics
+
+
+def _references(conn, task: str, ids: list[str]) -> dict[str, str]:
+    """Stored references of the items; ones missing (units written before references were stored) are
+    read from the prepared data once and stored, so the database alone reproduces the analysis after."""
+    refs = dict(conn.execute("SELECT item_id, reference FROM item_refs WHERE task=?", (task,)).fetchall())
+    missing = [i for i in ids if i not in refs]
+    if missing:
+        from bem.tasks import read_split
+
+        try:
+            items = {it["id"]: it for split in ("test", "dev") for it in read_split(task, split)}
+        except (FileNotFoundError, OSError):
+            return refs
+        found = [(task, i, SPECS[task].reference(items[i])) for i in missing if i in items]
+        with conn:
+            conn.executemany("INSERT OR IGNORE INTO item_refs VALUES (?, ?, ?)", found)
+        refs.update({i: r for _, i, r in found})
+    return refs
+
+
+def _corpus_comparisons(conn, units: dict, pairs: list, n_resamples: int) -> list[Comparison]:
+    """Corpus BLEU/chrF comparisons (SPEC §7): the corpus statistic is recomputed on every resample of items.
+    With several seeds, each item's sufficient statistics are summed over the seeds (the seeds' outputs
+    pooled into one corpus)."""
+    from bem import metrics
+    from bem.stats import paired_bca_corpus, permutation_pvalue_corpus
+
+    out, cache = [], {}
+
+    def predictions(experiment: str, task: str) -> dict[int, dict[str, str]]:
+        rows = conn.execute("SELECT u.seed, s.item_id, s.prediction FROM item_scores s JOIN units u ON u.id = s.unit_id "
+                            "WHERE u.experiment=? AND u.config_hash=? AND s.task=? AND s.metric=?",
+                            (experiment, units[experiment]["hash"], task, SPECS[task].primary)).fetchall()
+        by_seed: dict[int, dict[str, str]] = {}
+        for seed, item, prediction in rows:
+            by_seed.setdefault(seed, {})[item] = prediction
+        return by_seed
+
+    def statistics(experiment: str, task: str, metric: str, ids: tuple, refs: dict) -> np.ndarray:
+        key = (experiment, task, metric, ids)
+        if key not in cache:
+            by_seed = predictions(experiment, task)
+            cache[key] = sum(metrics.corpus_statistics(metric, [p[i] for i in ids], [refs[i] for i in ids])
+                             for p in by_seed.values())
+        return cache[key]
+
+    for name, versus in pairs:
+        for task in units[name]["config"]["tasks"]:
+            if task not in CORPUS_METRICS:
+                continue
+            ours, theirs = predictions(name, task), predictions(versus, task)
+            if not ours or not theirs:
+                continue
+            common = set.intersection(*(set(p) for p in list(ours.values()) + list(theirs.values())))
+            refs = _references(conn, task, sorted(common))
+            ids = tuple(sorted(i for i in common if i in refs))
+            if len(ids) < 2:
+                continue
+            for metric in CORPUS_METRICS[task]:
+                sa, sb = statistics(versus, task, metric, ids, refs), statistics(name, task, metric, ids, refs)
+                score = metrics.corpus_score_from_statistics(metric)
+                r = paired_bca_corpus(sa, sb, score, n_resamples=n_resamples)
+                p = permutation_pvalue_corpus(sa, sb, score, n_resamples=n_resamples)
+                out.append(Comparison(name, versus, task, "B", metric, len(ids), len(units[name]["seeds"]),
+                                      score(sb.sum(0)), score(sa.sum(0)), r.estimate, r.low, r.high, p,
+                                      note=r.note or "corpus statistic recomputed per resample"))
+    return out
+
+
 def _verdict(name: str, versus: str, comps: list[Comparison], units: dict) -> Verdict:
     from bem.budget import budget
     from bem.config import BEMConfig
 
     reasons, too_small = [], False
-    for c in (c for c in comps if c.slice == "B"):
+    for c in (c for c in comps if c.slice == "B" and c.metric == SPECS[c.task].primary):
         if c.n < MIN_ITEMS:
             too_small = True
             reasons.append(f"{c.task}: only {c.n} paired items (< {MIN_ITEMS}): sample too small for a verdict")

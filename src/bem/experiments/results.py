@@ -21,6 +21,7 @@ CREATE TABLE IF NOT EXISTS item_scores (
     unit_id INTEGER REFERENCES units(id), task TEXT, item_id TEXT, metric TEXT, value REAL, prediction TEXT);
 CREATE INDEX IF NOT EXISTS item_scores_by_unit ON item_scores(unit_id, task, metric);
 CREATE TABLE IF NOT EXISTS item_meta (task TEXT, item_id TEXT, key TEXT, value REAL, UNIQUE (task, item_id, key));
+CREATE TABLE IF NOT EXISTS item_refs (task TEXT, item_id TEXT, reference TEXT, UNIQUE (task, item_id));
 CREATE TABLE IF NOT EXISTS metrics (unit_id INTEGER REFERENCES units(id), task TEXT, metric TEXT, value REAL);
 CREATE TABLE IF NOT EXISTS curves (unit_id INTEGER REFERENCES units(id), step INTEGER, loss REAL, lr REAL, grad_norm REAL);
 CREATE TABLE IF NOT EXISTS profiles (experiment TEXT, config_hash TEXT, metric TEXT, value REAL, device TEXT);
@@ -67,6 +68,9 @@ class ResultsDB:
             self.conn.executemany(
                 "INSERT OR IGNORE INTO item_meta VALUES (?, ?, ?, ?)",
                 [(r["task"], r["id"], k, v) for r in rows for k, v in r.get("meta", {}).items()])
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO item_refs VALUES (?, ?, ?)",
+                [(r["task"], r["id"], r["reference"]) for r in rows if r.get("reference")])
             self.conn.executemany(
                 "INSERT INTO metrics VALUES (?, ?, ?, ?)",
                 [(unit, s["task"], name, value) for s in summaries
