@@ -222,10 +222,15 @@ def test_wrappers_and_bem2_api_smoke(tiny_setup, tmp_path, monkeypatch):
     assert "tiny_bem" in out and (tmp_path / "runs/w/report.md").is_file()
     assert "NO VERDICT" in script("v13_final_analysis.py", "runs/w")
     assert "0 problems" in script("validate_structure.py")
-    profile = script("bem_profile.py", "--experiments", "tiny_bem", "--prompt-len", "8", "--out", "runs/w")
-    assert "base" in profile and "tiny_bem" in profile
+    profile = script("bem_profile.py", "--experiments", "tiny_lora", "tiny_bem", "--prompt-len", "8", "--out", "runs/w")
+    assert "base" in profile and "tiny_bem vs tiny_lora: decode_p50_ms" in profile
     conn = sqlite3.connect(tmp_path / "runs/w/results.sqlite")
     assert conn.execute("SELECT COUNT(*) FROM profiles WHERE experiment='tiny_bem'").fetchone() == (6,)
+    raw = dict(conn.execute("SELECT experiment, value FROM profiles WHERE metric='decode_p50_ms'").fetchall())
+    ratios = dict(conn.execute("SELECT versus, ratio FROM profile_ratios WHERE experiment='tiny_bem' "
+                               "AND metric='decode_p50_ms'").fetchall())
+    assert ratios["tiny_lora"] == pytest.approx(raw["tiny_bem"] / raw["tiny_lora"])
+    assert ratios["base"] == pytest.approx(raw["tiny_bem"] / raw["base"])
     assert "reproduce_v13_stack" in (root / "reproduce_v13_stack.py").read_text()
 
     monkeypatch.setenv("BEM_DATA", str(tiny_setup / "data"))

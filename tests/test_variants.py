@@ -223,3 +223,9 @@ def test_variant_options_need_a_controller():
         BEMConfig(dynamic_rank=9)
     with pytest.raises(BEMConfigError, match=r"gate_features = \[7\] is not allowed.*side_dim = 5"):
         BEMConfig(head_groups=3, gate_features=[7], side_dim=5)
+
+
+def test_head_gated_site_refuses_to_merge():
+    model = routed_tiny("llama", head_groups=2)
+    with pytest.raises(RuntimeError, match="head-gated site"):
+        model.model.layers[0].self_attn.o_proj.merge()

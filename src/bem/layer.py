@@ -112,6 +112,8 @@ class BEMLayer(nn.Module):
         """Fold ΔW of a constant code into W0. The original W0 is kept so unmerge is exact."""
         if self.merged:
             raise RuntimeError("BEM site is already merged; unmerge it first")
+        if self.gate_index is not None:
+            raise RuntimeError("a head-gated site (PT1) cannot be merged: its gates scale W0's input per example")
         weight = self.base_layer.weight
         self._merged_weight = weight.detach().clone()
         dw = self.delta_weight(code)
