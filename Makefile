@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup debian run test test-all clean
+.PHONY: setup debian run test test-all results-cpu clean
 
 setup: $(STAMP) debian
 
@@ -34,6 +34,14 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The first real results (docs/results/v13_cpu): 6 experiments x 3 seeds x 500 items per task on 2 CPU
+# cores (about 2 h 15 min), then the gates' profiles and the report. Resumable: rerun after an interruption.
+V13 := S1_anchor L0_lora v1_dynrank v2_gateshaping v3_kron v4_film
+results-cpu: setup
+	$(BIN)/bem run --preset cpu --experiments $(V13) --out docs/results/v13_cpu
+	$(BIN)/bem profile --preset cpu --comprehensive --experiments $(V13) --out docs/results/v13_cpu
+	$(BIN)/bem report docs/results/v13_cpu
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
