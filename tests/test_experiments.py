@@ -231,6 +231,11 @@ def test_wrappers_and_bem2_api_smoke(tiny_setup, tmp_path, monkeypatch):
                                "AND metric='decode_p50_ms'").fetchall())
     assert ratios["tiny_lora"] == pytest.approx(raw["tiny_bem"] / raw["tiny_lora"])
     assert ratios["base"] == pytest.approx(raw["tiny_bem"] / raw["base"])
+    from bem.cli import main
+
+    assert main(["report", str(tmp_path / "runs/w")]) == 0  # with profiles: gates table, latency from the profile
+    report = (tmp_path / "runs/w/report.md").read_text()
+    assert "| tiny_bem | tiny_lora | cpu | " in report and f"{ratios['tiny_lora']:.3f}" in report
     assert "reproduce_v13_stack" in (root / "reproduce_v13_stack.py").read_text()
 
     monkeypatch.setenv("BEM_DATA", str(tiny_setup / "data"))

@@ -23,11 +23,20 @@ def _latest(conn) -> str:
 
 
 def _curves(conn, path: Path) -> None:
+    """One colour per experiment: its seeds thin, their mean thick (batches are small, single seeds are noisy)."""
+    runs: dict[str, list[tuple]] = {}
+    for experiment, unit in conn.execute(f"SELECT experiment, id FROM units u WHERE {_latest(conn)} "
+                                         "ORDER BY experiment, seed"):
+        runs.setdefault(experiment, []).append(tuple(zip(*conn.execute(
+            "SELECT step, loss FROM curves WHERE unit_id=? ORDER BY step", (unit,)))))
     fig, ax = plt.subplots(figsize=(7, 4))
-    for experiment, seed, unit in conn.execute(f"SELECT experiment, seed, id FROM units u WHERE {_latest(conn)} "
-                                               "ORDER BY experiment, seed"):
-        steps, losses = zip(*conn.execute("SELECT step, loss FROM curves WHERE unit_id=? ORDER BY step", (unit,)))
-        ax.plot(steps, losses, label=f"{experiment} s{seed}", linewidth=1)
+    for i, (experiment, seeds) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        for steps, losses in seeds:
+            ax.plot(steps, losses, color=color, linewidth=0.6, alpha=0.35)
+        common = sorted(set.intersection(*(set(steps) for steps, _ in seeds)))
+        mean = [sum(dict(zip(st, lo))[step] for st, lo in seeds) / len(seeds) for step in common]
+        ax.plot(common, mean, color=color, linewidth=1.8, label=f"{experiment} (mean of {len(seeds)})")
     ax.set(xlabel="optimizer step", ylabel="training loss (target tokens)", title="Training curves")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -36,40 +45,64 @@ def _curves(conn, path: Path) -> None:
 
 
 def _forest(comparisons: list[dict], path: Path) -> None:
-    rows = list(reversed(comparisons))
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
-    for y, c in enumerate(rows):
-        ax.errorbar(c["difference"], y, xerr=[[c["difference"] - c["low"]], [c["high"] - c["difference"]]],
-                    fmt="o", color="tab:green" if c["low"] > 0 else "tab:red" if c["high"] < 0 else "tab:gray", capsize=3)
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(rows)), [f"{c['experiment']} vs {c['versus']} · {c['task']} {c['metric']} ({c['slice']})"
-                                     for c in rows], fontsize=7)
-    ax.set(xlabel="paired mean improvement with BCa 95% CI", title="Comparisons")
+    """One panel per task and metric, each on its own scale (F1 and chrF differences differ by 100×)."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in comparisons:
+        groups.setdefault((c["task"], c["metric"]), []).append(c)
+    heights = [len(rows) + 1.5 for rows in groups.values()]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(7, 0.4 * sum(heights) + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, ((task, metric), rows) in zip(axes[:, 0], groups.items()):
+        rows = list(reversed(rows))
+        for y, c in enumerate(rows):
+            color = "tab:green" if c["low"] > 0 else "tab:red" if c["high"] < 0 else "tab:gray"
+            ax.errorbar(c["difference"], y, xerr=[[c["difference"] - c["low"]], [c["high"] - c["difference"]]],
+                        fmt="o", color=color, capsize=3)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(rows)), [f"{c['experiment']} vs {c['versus']} ({c['slice']})" for c in rows],
+                      fontsize=7)
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+        ax.set_title(f"{task} · {metric}", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[-1, 0].set_xlabel("paired mean improvement with BCa 95% CI (green: CI above 0, red: below)")
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata=PNG_META)
     plt.close(fig)
 
 
 def _quality_latency(conn, path: Path) -> None:
-    """Per task: primary metric against the evaluation wall time per item (batched greedy generation)."""
+    """Per task: primary metric against latency. The x axis is the decode-step p50 of `bem profile` where one is
+    stored (all models measured in one process, interleaved), else the evaluation wall time per item, which
+    moves with whatever else the machine was doing during the run."""
     from bem.tasks import SPECS
 
     rows = conn.execute(
         f"SELECT u.experiment, m.task, m.metric, AVG(m.value) FROM metrics m JOIN units u ON u.id = m.unit_id "
         f"WHERE {_latest(conn)} GROUP BY 1, 2, 3").fetchall()
     values = {(e, t, m): v for e, t, m, v in rows}
+    by_device: dict[str, dict[str, float]] = {}
+    for experiment, device, value in conn.execute(
+            f"SELECT DISTINCT p.experiment, p.device, p.value FROM profiles p JOIN units u ON u.experiment = "
+            f"p.experiment AND u.config_hash = p.config_hash WHERE {_latest(conn)} AND p.metric = 'decode_p50_ms'"):
+        by_device.setdefault(device, {})[experiment] = value
+    device = max(sorted(by_device), key=lambda d: len(by_device[d]), default=None)  # the most complete profile
+    decode = by_device.get(device, {})
+    profiled = bool(decode)
     tasks = sorted({t for _, t, _ in values})
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         primary = SPECS[task].primary
         for experiment in sorted({e for e, t, _ in values if t == task}):
-            x = values.get((experiment, task, "seconds_per_item"))
+            x = decode.get(experiment) if profiled else values.get((experiment, task, "seconds_per_item"))
             y = values.get((experiment, task, primary))
             if x is not None and y is not None:
                 ax.scatter(x, y)
                 ax.annotate(experiment, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set(title=task, xlabel="eval seconds per item", ylabel=primary)
-    fig.suptitle("Quality vs latency (batched greedy generation on this machine)", fontsize=9)
+        ax.set(title=task, ylabel=primary,
+               xlabel=f"decode step p50 (ms, bem profile on {device})" if profiled else "eval seconds per item")
+    fig.suptitle("Quality vs latency " + ("(latency from bem profile, one process)" if profiled
+                                          else "(evaluation wall time; run bem profile --out for gated latency)"),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata=PNG_META)
     plt.close(fig)
