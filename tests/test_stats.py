@@ -191,3 +191,19 @@ def test_corpus_bca_agrees_with_recomputing_sacrebleu_on_each_resample():
     score = metrics.corpus_score_from_statistics("corpus_chrf")
     assert permutation_pvalue_corpus(sa, sb, score, n_resamples=2_000) < 0.01
     assert permutation_pvalue_corpus(sa, sa, score) == 1.0
+
+
+def test_guard_gate_rejects_only_a_significantly_worse_secondary_metric():
+    from bem.experiments.analysis import Comparison, guard_reasons
+
+    def comp(metric, low, high, p_bh, slice_name="B"):
+        return Comparison("v", "a", "bible_translate", slice_name, metric, 500, 3, 0.0, 0.0, (low + high) / 2, low, high,
+                          p_bh, p_bh)
+
+    worse = comp("corpus_bleu", -0.9, -0.2, 0.01)
+    assert guard_reasons([worse]) == ["guard bible_translate corpus_bleu significantly worse: -0.5500, "
+                                      "CI [-0.9000, -0.2000], BH p = 0.01"]
+    assert guard_reasons([comp("corpus_bleu", -0.9, -0.2, 0.08)]) == []  # CI below 0 but not after BH
+    assert guard_reasons([comp("corpus_bleu", -0.9, +0.1, 0.01)]) == []  # CI reaches 0
+    assert guard_reasons([comp("chrf", -0.9, -0.2, 0.01)]) == []  # the primary metric has its own rule
+    assert guard_reasons([comp("corpus_chrf", -0.9, -0.2, 0.01, "A")]) == []  # slices are not guards

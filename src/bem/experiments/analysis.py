@@ -208,6 +208,7 @@ def _verdict(name: str, versus: str, comps: list[Comparison], units: dict) -> Ve
             reasons.append(f"{c.task} {c.metric}: BCa 95% CI lower bound {c.low:+.4f} is not > 0")
         if not c.p_bh < 0.05:
             reasons.append(f"{c.task} {c.metric}: BH-adjusted p = {c.p_bh:.3g} is not < 0.05")
+    reasons += guard_reasons(comps)
     config = units[name]["config"]
     gates = config["gates"]
     ours = budget(config["model"], BEMConfig.from_dict(config["bem"]))
@@ -237,6 +238,16 @@ def _verdict(name: str, versus: str, comps: list[Comparison], units: dict) -> Ve
     blocking = [r for r in reasons if not r.startswith("single seed")]
     verdict = "no verdict" if too_small else ("promote" if not blocking else "reject")
     return Verdict(name, versus, verdict, reasons)
+
+
+def guard_reasons(comps: list[Comparison], alpha: float = 0.05) -> list[str]:
+    """SPEC §7's last gate: no guard metric significantly worse. Guards are the compared metrics a verdict is not
+    about (corpus BLEU/chrF beside chrF, and anything else compared on all items); significantly worse means the
+    whole BCa interval is below 0 and the BH-adjusted p is below alpha (improvement is signed, so this holds for
+    lower-is-better metrics too)."""
+    return [f"guard {c.task} {c.metric} significantly worse: {c.difference:+.4f}, CI [{c.low:+.4f}, {c.high:+.4f}], "
+            f"BH p = {c.p_bh:.3g}" for c in comps
+            if c.slice == "B" and c.metric != SPECS[c.task].primary and c.high < 0 and c.p_bh < alpha]
 
 
 def _conn_profile(units: dict, experiment: str) -> dict[str, float]:
