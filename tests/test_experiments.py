@@ -198,6 +198,13 @@ def test_report_is_regenerated_identically_and_matches_the_database(tiny_setup, 
     assert "(too small)" in report and "NO VERDICT" in report and "sample too small" in report
     assert main(["analyze", str(out), "--json"]) == 0
     assert conn.execute("SELECT experiment, versus, verdict FROM verdicts").fetchall() == [("tiny_bem", "tiny_lora", "no verdict")]
+    from bem.experiments.analysis import analyze
+
+    default, seeds = analyze(out, n_resamples=500), analyze(out, n_resamples=500, hierarchical=True)
+    assert seeds["method"].startswith("seed × item") and default["method"].startswith("BCa")
+    for d, h in zip(default["comparisons"], seeds["comparisons"]):  # one seed: the estimate is the same
+        assert (d["metric"], d["difference"]) == (h["metric"], pytest.approx(h["difference"]))
+        assert h["note"].startswith("percentile") or h["metric"].startswith("corpus")
 
 
 def test_wrappers_and_bem2_api_smoke(tiny_setup, tmp_path, monkeypatch):

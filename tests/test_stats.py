@@ -93,6 +93,50 @@ def test_hierarchical_bootstrap_widens_with_seed_variance():
     assert (r_noisy.high - r_noisy.low) > 3 * (r_calm.high - r_calm.low)
 
 
+def test_hierarchical_bootstrap_matches_a_direct_resampling_loop_and_its_p_matches_its_interval():
+    from bem.stats import hierarchical_bootstrap, hierarchical_pvalue
+
+    rng = np.random.default_rng(11)
+    items = rng.exponential(size=200)
+    a = items + rng.normal(0, 0.3, (3, 200)) + rng.normal(0, 0.05, (3, 1))
+    b = items + 0.05 + rng.normal(0, 0.3, (3, 200)) + rng.normal(0, 0.05, (3, 1))
+    loop = np.empty(4000)  # the definition, one resample at a time, with its own random draws
+    for k in range(len(loop)):
+        it = rng.integers(0, 200, 200)
+        loop[k] = b[rng.integers(0, 3, 3)][:, it].mean() - a[rng.integers(0, 3, 3)][:, it].mean()
+    ours = hierarchical_bootstrap(a, b, n_resamples=4000)
+    width = ours.high - ours.low
+    assert ours.estimate == pytest.approx(b.mean() - a.mean())
+    assert abs(ours.low - np.quantile(loop, 0.025)) < 0.1 * width
+    assert abs(ours.high - np.quantile(loop, 0.975)) < 0.1 * width
+    # one seed per system: the plain paired percentile bootstrap of the mean difference
+    one = hierarchical_bootstrap(a[:1], b[:1], n_resamples=4000)
+    ref = sps.bootstrap((b[0] - a[0],), np.mean, n_resamples=4000, method="percentile", random_state=1).confidence_interval
+    assert abs(one.low - ref.low) < 0.1 * (ref.high - ref.low) and abs(one.high - ref.high) < 0.1 * (ref.high - ref.low)
+    for shift in (0.0, 0.05, 0.15, 0.4, -0.4):  # p < 0.05 exactly when the interval excludes 0
+        r = hierarchical_bootstrap(a, b + shift, n_resamples=4000)
+        p = hierarchical_pvalue(a, b + shift, n_resamples=4000)
+        assert (p < 0.05) == (r.low > 0 or r.high < 0), (shift, p, r)
+    with pytest.raises(ValueError, match="same items"):
+        hierarchical_bootstrap(a, b[:, :10])
+    with pytest.raises(ValueError, match="same seeds"):
+        hierarchical_bootstrap(a, b[:2], paired_seeds=True)
+
+
+def test_paired_seeds_cancel_a_seed_effect_both_systems_share():
+    from bem.stats import hierarchical_bootstrap
+
+    rng = np.random.default_rng(3)
+    items = rng.normal(size=300)
+    shared = rng.normal(0, 0.5, (3, 1))  # seed k moves both systems alike (same data order and init)
+    a = items + shared + rng.normal(0, 0.05, (3, 300))
+    b = items + shared + 0.1 + rng.normal(0, 0.05, (3, 300))
+    paired = hierarchical_bootstrap(a, b, n_resamples=4000, paired_seeds=True)
+    unpaired = hierarchical_bootstrap(a, b, n_resamples=4000)
+    assert paired.low > 0.05 and paired.high < 0.15  # the shared seed effect cancels
+    assert unpaired.low < 0 < unpaired.high  # treated as independent, it swamps the effect
+
+
 @pytest.mark.parametrize("controller", ["static", "chunk"])
 @pytest.mark.parametrize("kron", [False, True])
 def test_analytic_flops_match_torch_flop_counter(controller, kron):

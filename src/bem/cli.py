@@ -106,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from bem.experiments.analysis import analyze
 
-    result = analyze(Path(args.run_dir))
+    result = analyze(Path(args.run_dir), hierarchical=getattr(args, "hierarchical", False))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -123,7 +123,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from bem.experiments.report import write_report
 
-    print(f"wrote {write_report(Path(args.run_dir))}")
+    print(f"wrote {write_report(Path(args.run_dir), hierarchical=getattr(args, 'hierarchical', False))}")
     return 0
 
 
@@ -196,9 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     ana = sub.add_parser("analyze", help="paired comparisons, BH-FDR and verdicts of a run folder")
     ana.add_argument("run_dir")
     ana.add_argument("--json", action="store_true")
+    hier = ("seed × item bootstrap: seed-to-seed variance in the intervals (default: seeds averaged per item, BCa; "
+            "corpus metrics always pool the seeds)")
+    ana.add_argument("--hierarchical", action="store_true", help=hier)
     ana.set_defaults(func=cmd_analyze)
     rep = sub.add_parser("report", help="write report.md and plots of a run folder from its database")
     rep.add_argument("run_dir")
+    rep.add_argument("--hierarchical", action="store_true", help=hier)
     rep.set_defaults(func=cmd_report)
     prof = sub.add_parser("profile", help="latency p50/p95 (prefill, decode step) and peak memory vs the base model")
     prof.add_argument("--experiments", nargs="+", default=None, help="default: L0_lora S1_anchor")

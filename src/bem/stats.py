@@ -226,30 +226,67 @@ def cohens_dz(a, b) -> float:
     return float(d.mean() / sd) if sd > 0 else 0.0
 
 
-def hierarchical_bootstrap(a, b, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0) -> BootstrapResult:
+def _counts(rng, size: int, n: int) -> np.ndarray:
+    """(size, n) counts of each index in `size` draws of n indices with replacement."""
+    draws = rng.integers(0, n, size=(size, n))
+    return (np.bincount((draws + n * np.arange(size)[:, None]).ravel(), minlength=size * n)
+            .reshape(size, n).astype(float))
+
+
+def _hierarchical_draws(a: np.ndarray, b: np.ndarray, n_resamples: int, seed: int, paired_seeds: bool) -> np.ndarray:
+    """Resampled mean(b) − mean(a): items drawn with replacement (paired across systems) and seeds drawn with
+    replacement, the same draw for both systems when `paired_seeds`, else independently per system. The mean
+    of a resample is seed counts · X · item counts / (S·n): a block of resamples is two matrix products."""
+    n = a.shape[1]
+
+    def block(rng, size):
+        items = _counts(rng, size, n)
+        seeds_a = _counts(rng, size, a.shape[0])
+        seeds_b = seeds_a if paired_seeds else _counts(rng, size, b.shape[0])
+        mean_a = ((items @ a.T) * seeds_a).sum(1) / (a.shape[0] * n)
+        mean_b = ((items @ b.T) * seeds_b).sum(1) / (b.shape[0] * n)
+        return mean_b - mean_a
+
+    return _blocks(n_resamples, seed, block)
+
+
+def _as_seeds_by_items(a, b, name: str, paired_seeds: bool) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"{name} needs (seeds, items) arrays over the same items, got {a.shape} and {b.shape}")
+    if paired_seeds and a.shape != b.shape:
+        raise ValueError(f"{name}(paired_seeds=True) needs the same seeds for both systems, got {a.shape} and {b.shape}")
+    return a, b
+
+
+def hierarchical_bootstrap(a, b, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0,
+                           paired_seeds: bool = False) -> BootstrapResult:
     """Seed × item bootstrap of mean(b) − mean(a) for scores shaped (seeds, items).
 
-    Each resample draws items with replacement (paired across systems) and, independently per system,
-    seeds with replacement (seed k of one system is not paired with seed k of the other), so the interval
-    carries both item and seed-to-seed variance. Percentile interval (BCa's jackknife is not defined for
-    this two-level design).
+    Each resample draws items with replacement (paired across systems) and seeds with replacement, so the
+    interval carries both item and seed-to-seed variance. By default each system's seeds are drawn
+    independently (seed k of one system says nothing about seed k of the other). With `paired_seeds` the
+    rows of a and b are the same seeds (in BEM a seed fixes the training-data order and the random
+    initialisation for every system, and seed effects are largely shared: see docs/statistics.md), and one draw
+    of seeds serves both. Percentile interval (BCa's jackknife is not defined for this two-level design).
     """
-    a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"hierarchical_bootstrap needs the same items for both systems, got {a.shape} and {b.shape}")
+    a, b = _as_seeds_by_items(a, b, "hierarchical_bootstrap", paired_seeds)
     n = a.shape[1]
     estimate = float(b.mean() - a.mean())
     if n < 2:
         return BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence, "fewer than 2 items: no interval")
-    rng = np.random.default_rng(seed)
-    boot = np.empty(n_resamples)
-    for start in range(0, n_resamples, _BLOCK):
-        size = min(_BLOCK, n_resamples - start)
-        items = rng.integers(0, n, size=(size, n))
-        seeds_a = rng.integers(0, a.shape[0], size=(size, a.shape[0]))
-        seeds_b = rng.integers(0, b.shape[0], size=(size, b.shape[0]))
-        mean_a = np.array([a[sa][:, it].mean() for sa, it in zip(seeds_a, items)])
-        mean_b = np.array([b[sb][:, it].mean() for sb, it in zip(seeds_b, items)])
-        boot[start:start + size] = mean_b - mean_a
+    boot = _hierarchical_draws(a, b, n_resamples, seed, paired_seeds)
     low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
     return BootstrapResult(estimate, float(low), float(high), 0.0, 0.0, n, confidence, "percentile (seed × item)")
+
+
+def hierarchical_pvalue(a, b, n_resamples: int = 10_000, seed: int = 0, paired_seeds: bool = False) -> float:
+    """Two-sided p of "no difference" from the same seed × item resamples as `hierarchical_bootstrap` (same
+    seed, same draws): p = 2·min(share ≤ 0, share ≥ 0), so p < 1 − confidence exactly when the percentile
+    interval excludes 0 (up to the quantile's interpolation)."""
+    a, b = _as_seeds_by_items(a, b, "hierarchical_pvalue", paired_seeds)
+    if a.shape[1] < 2:
+        return 1.0
+    boot = _hierarchical_draws(a, b, n_resamples, seed, paired_seeds)
+    tail = min((1 + np.sum(boot <= 0)) / (1 + len(boot)), (1 + np.sum(boot >= 0)) / (1 + len(boot)))
+    return float(min(1.0, 2 * tail))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bem.stats import benjamini_hochberg, cohens_dz, paired_bca_family, permutation_pvalues
+from bem.stats import (benjamini_hochberg, cohens_dz, hierarchical_bootstrap, hierarchical_pvalue,
+                       paired_bca_family, permutation_pvalues)
 from bem.tasks import SPECS
 
 LOWER_IS_BETTER = {"violation", "violation_prob"}
@@ -71,7 +72,22 @@ def _item_means(conn, experiment: str, config_hash: str, task: str, metric: str)
     return dict(rows)
 
 
-def compare(db_path: Path, n_resamples: int = 10_000) -> tuple[list[Comparison], list[Verdict], dict]:
+def _seed_scores(conn, experiment: str, config_hash: str, task: str, metric: str) -> list[dict[str, float]]:
+    """Per seed (in seed order), each item's score: the seed × item bootstrap's input."""
+    by_seed: dict[int, dict[str, float]] = {}
+    for seed, item, value in conn.execute(
+            "SELECT u.seed, s.item_id, s.value FROM item_scores s JOIN units u ON u.id = s.unit_id WHERE "
+            "u.experiment=? AND u.config_hash=? AND s.task=? AND s.metric=?", (experiment, config_hash, task, metric)):
+        by_seed.setdefault(seed, {})[item] = value
+    return [scores for _, scores in sorted(by_seed.items())]
+
+
+def compare(db_path: Path, n_resamples: int = 10_000,
+            hierarchical: bool = False) -> tuple[list[Comparison], list[Verdict], dict]:
+    """Paired comparisons of every experiment with its anchor and with static LoRA, and their verdicts.
+    Per-item metrics: BCa of the per-item means over seeds and a sign-flip p; with `hierarchical`, a
+    seed × item percentile bootstrap and its p instead (seed-to-seed variance in the interval; seeds paired
+    across the two systems when both ran the same seeds, since a seed fixes data order and initialisation)."""
     from bem.experiments.results import ResultsDB
 
     ResultsDB(db_path).close()  # brings an older database's schema up to date
@@ -84,30 +100,43 @@ def compare(db_path: Path, n_resamples: int = 10_000) -> tuple[list[Comparison],
         for versus in dict.fromkeys([unit["config"]["anchor"], BASELINE]):
             if versus and versus != name and versus in units:
                 pairs.append((name, versus))
-    rows = []  # (name, versus, task, slice, metric, ids, a, b, sign)
+    rows = []  # (name, versus, task, slice, metric, ids, a, b, sign, (A, B) seeds × items or None)
     for name, versus in pairs:
         for task in units[name]["config"]["tasks"]:
             metric = SPECS[task].primary
             ours = _item_means(conn, name, units[name]["hash"], task, metric)
             theirs = _item_means(conn, versus, units[versus]["hash"], task, metric)
             common = sorted(set(ours) & set(theirs))
+            if hierarchical:  # only items that every seed of both systems scored
+                seeds_ours = _seed_scores(conn, name, units[name]["hash"], task, metric)
+                seeds_theirs = _seed_scores(conn, versus, units[versus]["hash"], task, metric)
+                common = [i for i in common if all(i in scores for scores in seeds_ours + seeds_theirs)]
             slices = [("B", common)] + ([("A", [i for i in common if (task, i) in slice_a])] if task == "wordnet_qa" else [])
             for slice_name, ids in slices:
                 sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+                per_seed = ((sign * np.array([[sc[i] for i in ids] for sc in seeds_theirs]),
+                             sign * np.array([[sc[i] for i in ids] for sc in seeds_ours])) if hierarchical else None)
                 rows.append((name, versus, task, slice_name, metric, ids, sign * np.array([theirs[i] for i in ids]),
-                             sign * np.array([ours[i] for i in ids]), sign))
+                             sign * np.array([ours[i] for i in ids]), sign, per_seed))
     # comparisons on the same items share their resamples (stats.paired_bca_family): one pass per item set
     groups: dict[tuple, list[int]] = {}
     for k, row in enumerate(rows):
         groups.setdefault((row[2], row[3], tuple(row[5])), []).append(k)
     results: dict[int, tuple] = {}
     for members in groups.values():
+        if hierarchical:  # the same seed numbers in both systems share data order and init: paired seeds
+            for k in members:
+                name, versus = rows[k][:2]
+                paired = units[name]["seeds"] == units[versus]["seeds"]
+                results[k] = (hierarchical_bootstrap(*rows[k][9], n_resamples=n_resamples, paired_seeds=paired),
+                              hierarchical_pvalue(*rows[k][9], n_resamples=n_resamples, paired_seeds=paired))
+            continue
         a = np.array([rows[k][6] for k in members]).reshape(len(members), -1)
         b = np.array([rows[k][7] for k in members]).reshape(len(members), -1)
         intervals = paired_bca_family(a, b, n_resamples=n_resamples)
         pvalues = permutation_pvalues(a, b, n_resamples=n_resamples)
         results.update({k: (r, float(p)) for k, r, p in zip(members, intervals, pvalues)})
-    for k, (name, versus, task, slice_name, metric, ids, a, b, sign) in enumerate(rows):
+    for k, (name, versus, task, slice_name, metric, ids, a, b, sign, _) in enumerate(rows):
         r, p = results[k]
         comparisons.append(Comparison(
             name, versus, task, slice_name, metric, len(ids), len(units[name]["seeds"]),
@@ -254,15 +283,16 @@ def _conn_profile(units: dict, experiment: str) -> dict[str, float]:
     return units[experiment].get("profile", {})
 
 
-def analyze(run_dir: Path, n_resamples: int = 10_000) -> dict:
+def analyze(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = False) -> dict:
     """Comparisons and verdicts; the verdicts are also stored in the database (replacing earlier ones)."""
     db_path = Path(run_dir) / "results.sqlite"
-    comparisons, verdicts, units = compare(db_path, n_resamples)
+    comparisons, verdicts, units = compare(db_path, n_resamples, hierarchical)
     with sqlite3.connect(db_path) as conn:
         conn.execute("DELETE FROM verdicts")
         conn.executemany("INSERT INTO verdicts VALUES (?, ?, ?, ?, ?, ?)",
                          [(v.experiment, units[v.experiment]["hash"], v.versus, v.verdict, json.dumps(v.reasons),
                            json.dumps([asdict(c) for c in comparisons if (c.experiment, c.versus) == (v.experiment, v.versus)]))
                           for v in verdicts])
-    return {"units": {k: {"config_hash": v["hash"], "seeds": v["seeds"], "config": v["config"]} for k, v in units.items()},
+    return {"method": "seed × item percentile bootstrap (seeds paired where both ran the same)" if hierarchical else "BCa of per-item means over seeds",
+            "units": {k: {"config_hash": v["hash"], "seeds": v["seeds"], "config": v["config"]} for k, v in units.items()},
             "comparisons": [asdict(c) for c in comparisons], "verdicts": [asdict(v) for v in verdicts]}

@@ -147,9 +147,9 @@ def _profile_lines(conn) -> list[str]:
     return lines
 
 
-def write_report(run_dir: Path, n_resamples: int = 10_000) -> Path:
+def write_report(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = False) -> Path:
     run_dir = Path(run_dir)
-    result = analyze(run_dir, n_resamples)
+    result = analyze(run_dir, n_resamples, hierarchical)
     conn = sqlite3.connect(run_dir / "results.sqlite")
     _curves(conn, run_dir / "curves.png")
     if result["comparisons"]:
@@ -174,9 +174,13 @@ def write_report(run_dir: Path, n_resamples: int = 10_000) -> Path:
             f"WHERE {_latest(conn)} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"):
         lines.append(f"| {experiment} | {task} | {metric} | {value:.4f} |")
     lines += ["", "## Comparisons", "",
-              "Paired by item (seeds averaged per item); improvement = experiment − versus (for violation: versus − "
-              "experiment); BCa 95% CI, 10,000 resamples; sign-flip permutation p; Benjamini–Hochberg over all rows. "
-              "Slice B = all items, Slice A = retrieval-strong items.", "",
+              ("Paired by item; improvement = experiment − versus (for violation: versus − experiment); "
+               + (f"seed × item percentile bootstrap 95% CI (`--hierarchical`: items resampled paired, seeds resampled "
+                  f"too, paired across systems that ran the same seeds), {n_resamples:,} resamples, p from the same resamples; "
+                  if hierarchical else
+                  f"seeds averaged per item, BCa 95% CI, {n_resamples:,} resamples; sign-flip permutation p; ")
+               + "corpus metrics: corpus score recomputed per resample, approximate-randomisation p; "
+               "Benjamini–Hochberg over all rows. Slice B = all items, Slice A = retrieval-strong items."), "",
               "| experiment | versus | task | slice | metric | n | improvement | 95% CI | p | BH p |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
