@@ -87,6 +87,18 @@ def test_missing_debian_package_names_install_and_leaves_nothing(monkeypatch, tm
     assert not (tmp_path / "wordnet_define").exists()
 
 
+def test_data_prepared_elsewhere_is_used_without_its_sources_only_when_intact(monkeypatch, tmp_path):
+    prep.prepare(["json_format"], tmp_path)  # built here, then carried to a machine without wordnet-base
+    real = prep.TASKS["json_format"]
+    monkeypatch.setitem(prep.TASKS, "json_format",
+                        prep.Task("json_format", real.version, lambda: {"p": prep.debian_version("no-such-bem-package")},
+                                  real.build))
+    assert prep.prepare(["json_format"], tmp_path)["tasks"]["json_format"]["status"] == "prepared elsewhere"
+    (tmp_path / "json_format" / "dev.jsonl").write_text("{}\n")  # damaged on the way: the install hint again
+    with pytest.raises(FileNotFoundError, match="apt-get install no-such-bem-package"):
+        prep.prepare(["json_format"], tmp_path)
+
+
 def test_crash_while_building_leaves_no_half_written_task(monkeypatch, tmp_path):
     def broken():
         raise RuntimeError("source vanished")

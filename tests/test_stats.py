@@ -251,3 +251,24 @@ def test_guard_gate_rejects_only_a_significantly_worse_secondary_metric():
     assert guard_reasons([comp("corpus_bleu", -0.9, +0.1, 0.01)]) == []  # CI reaches 0
     assert guard_reasons([comp("chrf", -0.9, -0.2, 0.01)]) == []  # the primary metric has its own rule
     assert guard_reasons([comp("corpus_chrf", -0.9, -0.2, 0.01, "A")]) == []  # slices are not guards
+
+
+def test_gates_are_checked_on_every_profiled_device():
+    from bem.experiments.analysis import _gate_reasons
+
+    gates = {"latency_ratio": 1.15, "memory_ratio": 1.05}
+    ok = {"decode_p50_ms": 1.02, "peak_memory_mb": 1.00, "kv_hit_rate": 1.0}
+    slow = {"decode_p50_ms": 1.30, "peak_memory_mb": 1.00, "kv_hit_rate": 1.0}
+    raw = {"decode_p50_ms": 10.0, "peak_memory_mb": 500.0, "kv_hit_rate": 0.75}
+    units = {"v": {"ratios": {"a": {"cpu": ok, "cuda": slow}}, "profile": {"cpu": raw, "cuda": raw}},
+             "a": {"ratios": {}, "profile": {"cpu": raw, "cuda": raw}}}
+    assert _gate_reasons(units, "v", "a", gates) == ["latency gate fails on cuda: decode p50 ×1.300 (allowed ≤ ×1.15)"]
+    units["v"]["ratios"]["a"] = {"cpu": ok}  # one device: no device named in the reason
+    units["v"]["profile"] = {"cpu": raw}
+    assert _gate_reasons(units, "v", "a", gates) == []
+    units["v"]["ratios"] = {}  # raw values only: their ratio, and a KV hit rate below the anchor's fails
+    units["v"]["profile"] = {"cpu": {**raw, "decode_p50_ms": 12.0, "kv_hit_rate": 0.5}}
+    assert _gate_reasons(units, "v", "a", gates) == ["latency gate fails: decode p50 ×1.200 (allowed ≤ ×1.15)",
+                                                     "KV hit rate gate fails: 0.500 < 0.750"]
+    assert _gate_reasons({"v": {}, "a": {}}, "v", "a", gates) == [
+        "latency and memory gates not measured (run `bem profile --out` on this folder)"]

@@ -28,6 +28,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     replies = [""] * len(prompts)
     bem = getattr(model, "_bem_runtime", None) is not None
+    device = next(model.parameters()).device  # after training on a GPU the model is still there
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         idx = order[start:start + batch_size]
         width = max(len(encoded[i]) for i in idx)
@@ -38,10 +39,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
             mask[row, width - len(encoded[i]):] = 1
         kwargs = {}
         if bem:
-            kwargs["bem_prompt_len"] = mask.sum(1)
+            kwargs["bem_prompt_len"] = mask.sum(1).to(device)
             if side is not None:
-                kwargs["bem_side"] = side[idx]
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                kwargs["bem_side"] = side[idx].to(device)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, **kwargs)
         for row, i in enumerate(idx):
             replies[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)

@@ -53,12 +53,14 @@ def _units(conn) -> dict[str, dict]:
             "GROUP BY u.experiment HAVING u.finished = MAX(u.finished) ORDER BY u.experiment"):
         seeds = [s for (s,) in conn.execute("SELECT seed FROM units WHERE experiment=? AND config_hash=? ORDER BY seed",
                                             (experiment, config_hash))]
-        profile = dict(conn.execute("SELECT metric, value FROM profiles WHERE experiment=? AND config_hash=?",
-                                    (experiment, config_hash)).fetchall())
-        ratios: dict[str, dict[str, float]] = {}
-        for versus, metric, ratio in conn.execute("SELECT versus, metric, ratio FROM profile_ratios WHERE experiment=? "
+        profile: dict[str, dict[str, float]] = {}  # device -> metric -> value
+        for device, metric, value in conn.execute("SELECT device, metric, value FROM profiles WHERE experiment=? "
                                                   "AND config_hash=?", (experiment, config_hash)):
-            ratios.setdefault(versus, {})[metric] = ratio
+            profile.setdefault(device, {})[metric] = value
+        ratios: dict[str, dict[str, dict[str, float]]] = {}  # versus -> device -> metric -> ratio
+        for versus, device, metric, ratio in conn.execute("SELECT versus, device, metric, ratio FROM profile_ratios "
+                                                          "WHERE experiment=? AND config_hash=?", (experiment, config_hash)):
+            ratios.setdefault(versus, {}).setdefault(device, {})[metric] = ratio
         out[experiment] = {"hash": config_hash, "config": json.loads(config_json), "seeds": seeds, "profile": profile,
                            "ratios": ratios}
     return out
@@ -248,20 +250,7 @@ def _verdict(name: str, versus: str, comps: list[Comparison], units: dict) -> Ve
     if abs(p_ratio - 1) > tol or abs(f_ratio - 1) > tol:
         reasons.append(f"budget parity fails: added parameters ×{p_ratio:.3f}, FLOPs/token ×{f_ratio:.3f} "
                        f"(allowed ±{tol:.0%})")
-    ours_p = dict(_conn_profile(units, name))
-    theirs_p = dict(_conn_profile(units, versus))
-    stored = units[name].get("ratios", {}).get(versus)  # measured in one `bem profile` process: preferred
-    if stored or (ours_p and theirs_p):
-        latency = stored["decode_p50_ms"] if stored else ours_p["decode_p50_ms"] / theirs_p["decode_p50_ms"]
-        if latency > gates["latency_ratio"]:
-            reasons.append(f"latency gate fails: decode p50 ×{latency:.3f} (allowed ≤ ×{gates['latency_ratio']})")
-        memory = stored["peak_memory_mb"] if stored else ours_p["peak_memory_mb"] / max(theirs_p["peak_memory_mb"], 1e-9)
-        if memory > gates["memory_ratio"]:
-            reasons.append(f"memory gate fails: peak memory ×{memory:.3f} (allowed ≤ ×{gates['memory_ratio']})")
-        if ours_p.get("kv_hit_rate", 0.0) < theirs_p.get("kv_hit_rate", 0.0):
-            reasons.append(f"KV hit rate gate fails: {ours_p.get('kv_hit_rate', 0):.3f} < {theirs_p.get('kv_hit_rate', 0):.3f}")
-    else:
-        reasons.append("latency and memory gates not measured (run `bem profile --out` on this folder)")
+    reasons += _gate_reasons(units, name, versus, gates)
     if units[name]["seeds"] and len(units[name]["seeds"]) < 2:
         reasons.append("single seed: seed-to-seed variance is not in the interval")
     blocking = [r for r in reasons if not r.startswith("single seed")]
@@ -279,8 +268,27 @@ def guard_reasons(comps: list[Comparison], alpha: float = 0.05) -> list[str]:
             if c.slice == "B" and c.metric != SPECS[c.task].primary and c.high < 0 and c.p_bh < alpha]
 
 
-def _conn_profile(units: dict, experiment: str) -> dict[str, float]:
-    return units[experiment].get("profile", {})
+def _gate_reasons(units: dict, name: str, versus: str, gates: dict) -> list[str]:
+    """Latency, memory and KV-hit-rate gates on every device profiled: ratios measured in one `bem profile`
+    process are preferred; raw values of the two profiles are the fallback."""
+    stored = units[name].get("ratios", {}).get(versus, {})
+    ours_p, theirs_p = units[name].get("profile", {}), units[versus].get("profile", {})
+    devices = sorted(set(stored) | (set(ours_p) & set(theirs_p)))
+    if not devices:
+        return ["latency and memory gates not measured (run `bem profile --out` on this folder)"]
+    reasons = []
+    for device in devices:
+        ours, theirs, ratio = ours_p.get(device, {}), theirs_p.get(device, {}), stored.get(device)
+        on = f" on {device}" if len(devices) > 1 else ""
+        latency = ratio["decode_p50_ms"] if ratio else ours["decode_p50_ms"] / theirs["decode_p50_ms"]
+        if latency > gates["latency_ratio"]:
+            reasons.append(f"latency gate fails{on}: decode p50 ×{latency:.3f} (allowed ≤ ×{gates['latency_ratio']})")
+        memory = ratio["peak_memory_mb"] if ratio else ours["peak_memory_mb"] / max(theirs["peak_memory_mb"], 1e-9)
+        if memory > gates["memory_ratio"]:
+            reasons.append(f"memory gate fails{on}: peak memory ×{memory:.3f} (allowed ≤ ×{gates['memory_ratio']})")
+        if ours.get("kv_hit_rate", 0.0) < theirs.get("kv_hit_rate", 0.0):
+            reasons.append(f"KV hit rate gate fails{on}: {ours.get('kv_hit_rate', 0):.3f} < {theirs.get('kv_hit_rate', 0):.3f}")
+    return reasons
 
 
 def analyze(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = False) -> dict:
