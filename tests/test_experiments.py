@@ -141,6 +141,10 @@ def test_rerun_skips_finished_units_and_a_changed_config_is_a_new_unit(tiny_setu
     out = tmp_path / "run"
     assert runner.run(["tiny_lora"], out, directory=experiments) == [("tiny_lora", 0, "done")]
     assert runner.run(["tiny_lora"], out, directory=experiments) == [("tiny_lora", 0, "skipped")]
+    from bem.cli import main
+
+    assert main(["report", str(out)]) == 0  # nothing to compare with yet: the report says so
+    assert "None yet: a verdict compares" in (out / "report.md").read_text()
     path = experiments / "tiny_lora.yaml"
     path.write_text(path.read_text().replace("lr: 0.01", "lr: 0.02"))
     assert runner.run(["tiny_lora"], out, directory=experiments) == [("tiny_lora", 0, "done")]

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bem.experiments.analysis import MIN_ITEMS, analyze  # noqa: E402
+from bem.experiments.analysis import BASELINE, MIN_ITEMS, analyze  # noqa: E402
 
 PNG_META = {"Software": None}  # no version stamp: the same database gives the same bytes
 
@@ -188,6 +188,10 @@ def write_report(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = 
         lines.append(f"| {c['experiment']} | {c['versus']} | {c['task']} | {c['slice']} | {c['metric']} | {c['n']}{small} | "
                      f"{c['difference']:+.4f} | [{c['low']:+.4f}, {c['high']:+.4f}] | {c['p']:.4f} | {c['p_bh']:.4f} |")
     lines += ["", "## Verdicts", ""]
+    if not result["verdicts"]:
+        present = sorted(result["units"])
+        lines.append(f"None yet: a verdict compares an experiment with its anchor or with {BASELINE}, and this folder "
+                     f"holds units of {', '.join(present) or 'no experiment'} only.")
     for v in result["verdicts"]:
         lines.append(f"- **{v['experiment']} vs {v['versus']}: {v['verdict'].upper()}**")
         lines += [f"  - {r}" for r in v["reasons"]]
