@@ -12,13 +12,13 @@
 # Build the payload here: see docs/experiments.md ("Running on a lent GPU").
 set -u
 MODE=${1:?stage or main}
-STAGE=${STAGE:-/root/bemdev}
-OUT=${OUT:-/tmp/gpu_out}
+STAGE=${STAGE:-.dev/stage}  # the repo folder survives between calls to a warm machine
+OUT=${OUT:-.dev/out}
 BUDGET_S=${BUDGET_S:-520}
 V13="S1_anchor L0_lora v1_dynrank v2_gateshaping v3_kron v4_film"
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$STAGE" "$OUT"
-export PYTHONPATH=$PWD/.dev/site:$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 BEM_CACHE=$STAGE/cache
+export PYTHONPATH=$PWD/.dev/site:$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 BEM_CACHE=$(cd "$STAGE" && pwd)/cache
 PY=${PY:-python3}
 
 if [ "$MODE" = stage ]; then
@@ -38,10 +38,7 @@ mkdir -p "$BEM_CACHE/data" && tar xJf .dev/p2/data.tar.xz -C "$BEM_CACHE/data"
 $PY -m bem.models smollm2-135m || exit 4
 sha256sum "$BEM_CACHE/smollm2-135m-f32/model.safetensors"
 
-RUN=/tmp/v13_gpu
-mkdir -p "$RUN"
-# resume the stored GPU run: finished units are skipped
-[ -f docs/results/v13_gpu/results.sqlite ] && cp docs/results/v13_gpu/results.sqlite "$RUN/results.sqlite"
+RUN=${RUN:-docs/results/v13_gpu}  # resumed in place: finished units are skipped
 
 snapshot() {
     $PY - "$RUN/results.sqlite" "$OUT/results.sqlite" <<'EOF'
