@@ -226,13 +226,6 @@ def cohens_dz(a, b) -> float:
     return float(d.mean() / sd) if sd > 0 else 0.0
 
 
-def _counts(rng, size: int, n: int) -> np.ndarray:
-    """(size, n) counts of each index in `size` draws of n indices with replacement."""
-    draws = rng.integers(0, n, size=(size, n))
-    return (np.bincount((draws + n * np.arange(size)[:, None]).ravel(), minlength=size * n)
-            .reshape(size, n).astype(float))
-
-
 def _hierarchical_draws(a: np.ndarray, b: np.ndarray, n_resamples: int, seed: int, paired_seeds: bool) -> np.ndarray:
     """Resampled mean(b) − mean(a): items drawn with replacement (paired across systems) and seeds drawn with
     replacement, the same draw for both systems when `paired_seeds`, else independently per system. The mean
@@ -259,34 +252,39 @@ def _as_seeds_by_items(a, b, name: str, paired_seeds: bool) -> tuple[np.ndarray,
     return a, b
 
 
-def hierarchical_bootstrap(a, b, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0,
-                           paired_seeds: bool = False) -> BootstrapResult:
-    """Seed × item bootstrap of mean(b) − mean(a) for scores shaped (seeds, items).
+def hierarchical_test(a, b, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0,
+                      paired_seeds: bool = False) -> tuple[BootstrapResult, float]:
+    """Seed × item bootstrap of mean(b) − mean(a) for scores shaped (seeds, items): the percentile interval
+    and the two-sided p of "no difference", both from the same resamples.
 
     Each resample draws items with replacement (paired across systems) and seeds with replacement, so the
     interval carries both item and seed-to-seed variance. By default each system's seeds are drawn
     independently (seed k of one system says nothing about seed k of the other). With `paired_seeds` the
     rows of a and b are the same seeds (in BEM a seed fixes the training-data order and the random
     initialisation for every system, and seed effects are largely shared: see docs/statistics.md), and one draw
-    of seeds serves both. Percentile interval (BCa's jackknife is not defined for this two-level design).
+    of seeds serves both. Percentile interval (BCa's jackknife is not defined for this two-level design);
+    p = 2·min(share ≤ 0, share ≥ 0), so p < 1 − confidence exactly when the interval excludes 0 (up to the
+    quantile's interpolation).
     """
     a, b = _as_seeds_by_items(a, b, "hierarchical_bootstrap", paired_seeds)
     n = a.shape[1]
     estimate = float(b.mean() - a.mean())
     if n < 2:
-        return BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence, "fewer than 2 items: no interval")
+        return BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence,
+                               "fewer than 2 items: no interval"), 1.0
     boot = _hierarchical_draws(a, b, n_resamples, seed, paired_seeds)
     low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return BootstrapResult(estimate, float(low), float(high), 0.0, 0.0, n, confidence, "percentile (seed × item)")
+    tail = min((1 + np.sum(boot <= 0)) / (1 + len(boot)), (1 + np.sum(boot >= 0)) / (1 + len(boot)))
+    return (BootstrapResult(estimate, float(low), float(high), 0.0, 0.0, n, confidence, "percentile (seed × item)"),
+            float(min(1.0, 2 * tail)))
+
+
+def hierarchical_bootstrap(a, b, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0,
+                           paired_seeds: bool = False) -> BootstrapResult:
+    """The interval of `hierarchical_test`."""
+    return hierarchical_test(a, b, n_resamples, confidence, seed, paired_seeds)[0]
 
 
 def hierarchical_pvalue(a, b, n_resamples: int = 10_000, seed: int = 0, paired_seeds: bool = False) -> float:
-    """Two-sided p of "no difference" from the same seed × item resamples as `hierarchical_bootstrap` (same
-    seed, same draws): p = 2·min(share ≤ 0, share ≥ 0), so p < 1 − confidence exactly when the percentile
-    interval excludes 0 (up to the quantile's interpolation)."""
-    a, b = _as_seeds_by_items(a, b, "hierarchical_pvalue", paired_seeds)
-    if a.shape[1] < 2:
-        return 1.0
-    boot = _hierarchical_draws(a, b, n_resamples, seed, paired_seeds)
-    tail = min((1 + np.sum(boot <= 0)) / (1 + len(boot)), (1 + np.sum(boot >= 0)) / (1 + len(boot)))
-    return float(min(1.0, 2 * tail))
+    """The p-value of `hierarchical_test` (same seed, same resamples as `hierarchical_bootstrap`)."""
+    return hierarchical_test(a, b, n_resamples, seed=seed, paired_seeds=paired_seeds)[1]

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bem.stats import (benjamini_hochberg, cohens_dz, hierarchical_bootstrap, hierarchical_pvalue,
-                       paired_bca_family, permutation_pvalues)
+from bem.stats import benjamini_hochberg, cohens_dz, hierarchical_test, paired_bca_family, permutation_pvalues
 from bem.tasks import SPECS
 
 LOWER_IS_BETTER = {"violation", "violation_prob"}
@@ -130,8 +129,7 @@ def compare(db_path: Path, n_resamples: int = 10_000,
             for k in members:
                 name, versus = rows[k][:2]
                 paired = units[name]["seeds"] == units[versus]["seeds"]
-                results[k] = (hierarchical_bootstrap(*rows[k][9], n_resamples=n_resamples, paired_seeds=paired),
-                              hierarchical_pvalue(*rows[k][9], n_resamples=n_resamples, paired_seeds=paired))
+                results[k] = hierarchical_test(*rows[k][9], n_resamples=n_resamples, paired_seeds=paired)
             continue
         a = np.array([rows[k][6] for k in members]).reshape(len(members), -1)
         b = np.array([rows[k][7] for k in members]).reshape(len(members), -1)
