@@ -91,20 +91,8 @@ def test_prompt_must_be_in_first_call(arch):
         model(ids[:, :4], use_cache=True, bem_prompt_len=8)
 
 
-def test_beam_search_is_refused_not_wrong():
+def test_beam_search_is_refused_not_wrong():  # the other modes: tests/test_decoding.py
     model = routed_tiny("llama")
     with pytest.raises(NotImplementedError, match="num_beams=2"):
         model.generate(torch.tensor([[5, 6, 7]]), num_beams=2, max_new_tokens=3, pad_token_id=0)
 
-
-def test_kv_hit_rate_prompt_scope_vs_chunk_scope():
-    """Shared leading chunks get identical codes with prefix_scope=chunk, so their K/V can be reused."""
-    from bem.models import tiny
-    from bem.profiling import kv_hit_rate
-
-    options = {"shared_len": 24, "suffix_len": 8, "requests": 3, "vocab": 128}
-    base = kv_hit_rate(tiny("llama"), **options)
-    chunk = kv_hit_rate(routed_tiny("llama", prefix_scope="chunk"), side_dim=3, **options)
-    prompt = kv_hit_rate(routed_tiny("llama", prefix_scope="prompt"), side_dim=3, **options)
-    assert base == 0.75 and chunk == base
-    assert prompt < 0.1

@@ -272,3 +272,140 @@ def test_gates_are_checked_on_every_profiled_device():
                                                      "KV hit rate gate fails: 0.500 < 0.750"]
     assert _gate_reasons({"v": {}, "a": {}}, "v", "a", gates) == [
         "latency and memory gates not measured (run `bem profile --out` on this folder)"]
+
+
+def _v13_like(rng, n=100):
+    """Near-boundary data like v13_cpu's v4_film − L0_lora chrF: sign-flip p just under 0.05, CI touching 0."""
+    a = rng.normal(40, 12, n)
+    return a, a + rng.standard_t(3, n) * 1.6 - 0.33
+
+
+@pytest.mark.parametrize("kind", ["normal", "skewed", "binary", "heavy", "v13_like", "sparse"])
+def test_bootstrap_p_below_alpha_exactly_when_the_interval_excludes_0(kind):
+    """On 60 datasets per kind, near and far from 0, one resample set: p < 1 − confidence ⟺ 0 ∉ CI, for
+    single comparisons, families and corpus statistics."""
+    from bem.stats import paired_bca_corpus, paired_bca_family
+
+    rng = np.random.default_rng(sum(map(ord, kind)))
+    checked = {True: 0, False: 0}
+    for k in range(60):
+        n = int(rng.integers(15, 250))
+        if kind == "v13_like":
+            a, b = _v13_like(rng, n)
+        elif kind == "sparse":  # most paired differences exactly 0, as for two nearly identical systems
+            a = rng.integers(0, 2, n).astype(float)
+            b = a + rng.choice([-1.0, 0.0, 1.0], n, p=[0.06, 0.85, 0.09])
+        else:
+            a, noise = DRAWS[kind](rng, n)
+            b = a + noise - np.mean(noise) + rng.normal(0, 2.5 / np.sqrt(n)) * np.std(noise)
+        for confidence in (0.95, 0.9):
+            r = paired_bca(a, b, n_resamples=1_000, confidence=confidence, seed=k)
+            excludes = r.low > 0 or r.high < 0
+            assert (r.p < 1 - confidence) == excludes, (kind, k, confidence, r)
+            checked[excludes] += 1
+        family = paired_bca_family(np.stack([a, b]), np.stack([b, a + 0.1 * (b - a)]), n_resamples=1_000, seed=k)
+        for r in family:
+            assert (r.p < 0.05) == (r.low > 0 or r.high < 0), (kind, k, r)
+    assert min(checked.values()) >= 10  # both outcomes are exercised
+    sa, sb = rng.poisson(5, (80, 2)).astype(float), rng.poisson(5, (80, 2)).astype(float)
+    for shift in (0.0, 0.3, 1.0):
+        r = paired_bca_corpus(sa, sb + [shift, 0], lambda s: s[0] / s[1], n_resamples=1_000)
+        assert (r.p < 0.05) == (r.low > 0 or r.high < 0), (shift, r)
+
+
+def test_bootstrap_p_is_the_level_at_which_an_interval_endpoint_reaches_0():
+    """Inverting the BCa map: the interval at confidence 1 − p has an endpoint at 0 (to within one order statistic)."""
+    rng = np.random.default_rng(8)
+    for k in range(6):
+        a, b = _v13_like(rng, 120)
+        r = paired_bca(a, b, n_resamples=4_000, seed=k)
+        if not 0.002 < r.p < 0.8:
+            continue
+        ordered = np.sort(np.asarray([r.low, r.high]))
+        at = paired_bca(a, b, n_resamples=4_000, seed=k, confidence=1 - r.p)
+        width = r.high - r.low
+        assert min(abs(at.low), abs(at.high)) < 0.01 * width, (r, at, ordered)
+
+
+def test_bootstrap_p_under_the_null_and_under_an_effect():
+    rng = np.random.default_rng(21)
+    null = np.array([paired_bca(np.zeros(150), rng.normal(size=150), n_resamples=1_000, seed=i).p for i in range(200)])
+    assert 0.02 <= np.mean(null < 0.05) <= 0.09 and 0.4 <= np.mean(null < 0.5) <= 0.6  # about uniform
+    a = rng.normal(size=200)
+    strong = paired_bca(a, a + 0.4 + rng.normal(0, 1, 200), n_resamples=2_000)
+    assert strong.p == pytest.approx(1 / 2_001) and strong.low > 0  # floored at the resolution of 2,000 resamples
+    same = paired_bca(a, a)
+    assert same.p == 1.0 and (same.low, same.high) == (0.0, 0.0)
+    shifted = paired_bca([1, 1, 1], [2, 2, 2], n_resamples=500)
+    assert shifted.p == 1 / 501 and shifted.low == 1.0  # a point interval at 1: p agrees with it
+
+
+def test_v13_cpu_near_boundary_comparison_has_a_consistent_p():
+    """The stored run where the sign-flip p (0.041) and the BCa CI ([−0.654, +0.0008]) disagreed: v4_film − L0_lora,
+    bible_translate chrF; the bootstrap p of the same resamples agrees with the interval."""
+    import sqlite3
+    from pathlib import Path
+
+    from bem.experiments.analysis import _item_means, _units
+    from bem.stats import permutation_pvalue
+
+    db = Path(__file__).resolve().parents[1] / "docs/results/v13_cpu/results.sqlite"
+    conn = sqlite3.connect(db)
+    units = _units(conn)
+    ours = _item_means(conn, "v4_film", units["v4_film"]["hash"], "bible_translate", "chrf")
+    theirs = _item_means(conn, "L0_lora", units["L0_lora"]["hash"], "bible_translate", "chrf")
+    ids = sorted(set(ours) & set(theirs))
+    a, b = np.array([theirs[i] for i in ids]), np.array([ours[i] for i in ids])
+    r = paired_bca(a, b)
+    assert r.low < 0 and abs(r.high) < 0.1  # the interval ends next to 0
+    assert (r.p < 0.05) == (r.high < 0)
+    assert permutation_pvalue(a, b) < 0.05  # the sign-flip test alone said "significant"
+
+
+def test_corpus_metrics_score_the_same_first_line_as_the_per_item_scores():
+    """One hypothesis per item: TaskSpec.corpus and the analysis' corpus comparisons use the first line."""
+    import sacrebleu
+
+    from bem.tasks import SPECS
+
+    spec = SPECS["bible_translate"]
+    refs, a, b = _translations(20)
+    replies = [f"{h}\nNote: this is a translation of verse {i}." for i, h in enumerate(b)]
+    items = [{"target": r} for r in refs]
+    corpus = spec.corpus(replies, items)
+    assert corpus["corpus_chrf"] == pytest.approx(sacrebleu.corpus_chrf(b, [refs]).score, abs=1e-9)
+    assert corpus["corpus_bleu"] == pytest.approx(sacrebleu.corpus_bleu(b, [refs]).score, abs=1e-9)
+    assert corpus["corpus_chrf"] != pytest.approx(sacrebleu.corpus_chrf(replies, [refs]).score, abs=0.1)
+    per_item = [spec.score(p, it)["chrf"] for p, it in zip(replies, items)]
+    assert per_item == [spec.score(spec.hypothesis(p), it)["chrf"] for p, it in zip(replies, items)]
+    assert spec.hypothesis(replies[0]) == b[0] and SPECS["wordnet_define"].hypothesis(" x\ny") == "x"
+    assert SPECS["wordnet_qa"].hypothesis("a\nb") == "a\nb"  # the QA scores extract their own span
+
+
+def test_corpus_comparisons_from_stored_raw_replies_use_the_first_line(tmp_path):
+    import sqlite3
+
+    import sacrebleu
+
+    from bem.experiments.analysis import _corpus_comparisons, corpus_scores
+    from bem.experiments.config import ExperimentConfig
+    from bem.experiments.results import ResultsDB
+
+    refs, a, b = _translations(40)
+    db = ResultsDB(tmp_path / "results.sqlite")
+    run, units = db.start_run("test", False), {}
+    for name, hyps in (("x", a), ("y", b)):
+        config = ExperimentConfig(name, tasks=["bible_translate"])
+        rows = [{"task": "bible_translate", "id": f"v{i}", "prediction": f"{h}\n(verse {i}, translated)",
+                 "scores": {"chrf": 0.0}, "reference": refs[i]} for i, h in enumerate(hyps)]
+        unit = db.write_unit(run, name, config.config_hash(), config.to_dict(), 0, rows, [], [], 1.0, 1.0)
+        units[name] = {"hash": config.config_hash(), "config": config.to_dict(), "seeds": [0], "unit": unit}
+    conn = sqlite3.connect(db.path)
+    by_metric = {c.metric: c for c in _corpus_comparisons(conn, units, [("y", "x")], 1_000)}
+    chrf = by_metric["corpus_chrf"]
+    expected = sacrebleu.corpus_chrf(b, [refs]).score - sacrebleu.corpus_chrf(a, [refs]).score
+    assert chrf.mean_experiment == pytest.approx(sacrebleu.corpus_chrf(b, [refs]).score, abs=1e-9)
+    assert chrf.difference == pytest.approx(expected, abs=1e-9) and chrf.low > 0
+    assert chrf.p < 0.05 and chrf.p_signflip < 0.05  # bootstrap p (agrees with the CI) and the secondary test
+    assert corpus_scores(conn, units["x"]["unit"], "bible_translate")["corpus_bleu"] == pytest.approx(
+        sacrebleu.corpus_bleu(a, [refs]).score, abs=1e-9)

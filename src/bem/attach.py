@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import json
@@ -15,6 +16,8 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.cache_utils import Cache
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.pytorch_utils import Conv1D
 
 from bem.config import BEMConfig, BEMConfigError
@@ -210,13 +213,14 @@ def _wrap_forward(model: nn.Module, runtime: BEMRuntime) -> None:
             tokens = bound.get("inputs_embeds")
         # transformers 5.24 names the cache `cache`; `past_key_values` is its deprecated alias
         cache = bound.get("cache", bound.get("past_key_values"))
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         runtime.begin_call(tokens.shape[0], tokens.shape[1], tokens.device, bound.get("attention_mask"),
-                           int(past), bem_prompt_len, bem_side, bem_mask)
+                           cache, bem_prompt_len, bem_side, bem_mask)
+        out = None
         try:
-            return original(*args, **kwargs)
+            out = original(*args, **kwargs)
         finally:
-            runtime.end_call()
+            runtime.end_call(_returned_cache(out))
+        return out
 
     params = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in ("bem_prompt_len", "bem_side", "bem_mask")]
@@ -228,15 +232,50 @@ def _wrap_forward(model: nn.Module, runtime: BEMRuntime) -> None:
 
     @functools.wraps(original_generate)
     def generate(*args, **kwargs):
-        config = kwargs.get("generation_config") or model.generation_config
-        beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
-        if beams > 1 and runtime.enabled and runtime.controller is not None:
-            raise NotImplementedError(f"num_beams={beams}: beam search reorders the KV cache across beams and "
-                                      "BEM's routing state does not follow it yet; use greedy or sampling")
+        if runtime.enabled and runtime.controller is not None:
+            _check_decoding_mode(model, kwargs)
         return original_generate(*args, **kwargs)
 
     model.generate = generate
 
+
+
+def _returned_cache(out):
+    """The KV cache object a forward returned (a ModelOutput's `cache`, or the Cache in a tuple), else None."""
+    if out is None:
+        return None
+    if isinstance(out, tuple):
+        return next((x for x in out if isinstance(x, Cache)), None)
+    cache = getattr(out, "cache", None)
+    cache = getattr(out, "past_key_values", None) if cache is None else cache
+    return cache if isinstance(cache, Cache) else None
+
+
+# Decoding modes whose cache handling BEM's routing state does not follow (see docs/design.md, decoding modes).
+_REFUSED_MODES = {
+    GenerationMode.BEAM_SEARCH: "beam search reorders the KV cache across beams",
+    GenerationMode.BEAM_SAMPLE: "beam sampling reorders the KV cache across beams",
+    GenerationMode.GROUP_BEAM_SEARCH: "group beam search reorders the KV cache across beams",
+    GenerationMode.CONSTRAINED_BEAM_SEARCH: "constrained beam search reorders the KV cache across beams",
+    GenerationMode.CONTRASTIVE_SEARCH: "contrastive search re-batches the KV cache over top-k candidates",
+    GenerationMode.DOLA_GENERATION: "DoLa reads logits from early layers, which BEM does not route for",
+}
+
+
+def _check_decoding_mode(model: nn.Module, kwargs: dict) -> None:
+    """Refuse, naming it, a `generate` decoding mode whose output BEM's routing would get wrong."""
+    config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
+    config.update(**{k: v for k, v in kwargs.items() if k != "generation_config" and hasattr(config, k)})
+    mode = config.get_generation_mode(kwargs.get("assistant_model"))
+    if mode in _REFUSED_MODES:
+        raise NotImplementedError(f"{mode.value} (num_beams={config.num_beams}): {_REFUSED_MODES[mode]} and BEM's "
+                                  "routing state does not follow it; use greedy, sampling, prompt-lookup or "
+                                  "assisted decoding")
+    for option in ("assistant_early_exit", "use_mtp"):
+        if getattr(config, option, None):
+            raise NotImplementedError(f"{option}={getattr(config, option)!r}: self-speculative drafting runs a "
+                                      "truncated BEM model that is not verified; use prompt_lookup_num_tokens or "
+                                      "an assistant_model")
 
 def set_bem_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch every BEM site (and the controller) on or off; off gives the base model's output exactly."""

@@ -156,13 +156,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
     overlay = "_quick" if args.quick else (f"_{args.preset}" if args.preset else None)
     configs = [load_experiment(n, overlay=overlay) for n in names]  # the overlay only changes the config hash
     options = {"repeats": 20 if args.comprehensive else 5, "prompt_len": args.prompt_len, "batch": args.batch}
-    results = profile(configs, device=args.device, **options)
+    results = profile(configs, device=args.device, run_dir=args.out, **options)
     base = results[0]
-    print(f"{'model':14s} {'prefill p50':>11s} {'p95':>8s} {'decode p50':>10s} {'p95':>8s} {'peak MB':>8s} "
-          f"{'KV hit':>7s}  decode ×base")
+    print(f"{'model':14s} {'modules':12s} {'prefill p50':>11s} {'p95':>8s} {'decode p50':>10s} {'p95':>8s} "
+          f"{'peak MB':>8s} {'KV hit':>7s}  decode ×base")
     for p in results:
-        print(f"{p.name:14s} {p.prefill_p50_ms:9.1f}ms {p.prefill_p95_ms:6.1f}ms {p.decode_p50_ms:8.1f}ms "
+        modules = p.status + (f" s{p.seed}" if p.seed is not None else "")
+        print(f"{p.name:14s} {modules:12s} {p.prefill_p50_ms:9.1f}ms {p.prefill_p95_ms:6.1f}ms {p.decode_p50_ms:8.1f}ms "
               f"{p.decode_p95_ms:6.1f}ms {p.peak_memory_mb:8.1f} {p.kv_hit_rate:7.3f}  {p.decode_p50_ms / base.decode_p50_ms:.3f}")
+    untrained = [p.name for p in results if p.status == "untrained"]
+    if untrained:
+        where = f"no finished unit in {args.out}" if args.out else "no run folder given (--out)"
+        print(f"note: {', '.join(untrained)} profiled UNTRAINED (fresh modules, ΔW = 0: the base model's numbers): {where}")
     ratios = profile_ratios(results, configs)
     for experiment, _, versus, metric, ratio, _ in ratios:
         if versus != "base":
@@ -212,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("--batch", type=int, default=1)
     prof.add_argument("--preset", default=None, help="the overlay the run folder was made with (matches its config hashes)")
     prof.add_argument("--quick", action="store_true", help="same as --preset quick")
-    prof.add_argument("--out", default=None, help="run folder whose database gets the profiles (for the gates)")
+    prof.add_argument("--out", default=None, help="run folder: each experiment's finished unit is profiled with its "
+                      "trained adapter (restored by retraining if missing) and the profiles go to its database "
+                      "(for the gates); experiments without a finished unit are profiled untrained, and say so")
     prof.set_defaults(func=cmd_profile)
     data = sub.add_parser("data", help="build the task suite").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="build every task's JSONL splits and manifest (idempotent)")

@@ -49,23 +49,56 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return replies
 
 
+# SPEC §6 index swap: the evidence (prompt) and evidence features (side input) an item is evaluated with
+CONDITIONS = {"clean": ("evidence", "features"), "shuffled": ("evidence_shuffled", "features_shuffled"),
+              "corrupt": ("evidence_corrupt", "features_corrupt")}
+INDEX_SWAP = {"wordnet_qa": ("shuffled", "corrupt")}  # tasks with swapped-index conditions, and those conditions
+
+
+def check_condition(task: str, condition: str) -> None:
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition {condition!r} is not allowed; expected one of {sorted(CONDITIONS)}")
+    if condition != "clean" and condition not in INDEX_SWAP.get(task, ()):
+        raise ValueError(f"task {task!r} has no condition {condition!r}: index-swap conditions exist for "
+                         f"{sorted(INDEX_SWAP)} only; other tasks are evaluated with condition 'clean'")
+
+
+def with_condition(task: str, items: list[dict], condition: str, split: str = "test") -> list[dict]:
+    """The items as seen under an index-swap condition: `evidence` and `features` replaced by the condition's
+    variants (another query's passages for `shuffled`, answers replaced for `corrupt`), all else unchanged, so
+    the same prompt builder, side-input layout and scoring apply."""
+    check_condition(task, condition)
+    if condition == "clean":
+        return items
+    evidence, features = CONDITIONS[condition]
+    for it in items:
+        if evidence not in it or features not in it:
+            raise ValueError(f"{task} item {it['id']!r} of split {split!r} has no {evidence!r}/{features!r}: the "
+                             "index-swap variants are built for the test split only (bem data prepare)")
+    return [{**it, "evidence": it[evidence], "features": it[features]} for it in items]
+
+
 def evaluate_task(model, tokenizer, task: str, n: int | None, split: str = "test", batch_size: int = 16,
-                  root: Path | None = None, layout: dict | None = None) -> tuple[list[dict], dict]:
+                  root: Path | None = None, layout: dict | None = None,
+                  condition: str = "clean") -> tuple[list[dict], dict]:
     """Per-item rows (id, prediction, scores) and the task's summary (means and corpus scores).
 
     With a side-input `layout` (see tasks.side_layout) each item's side vector goes to the controller.
+    `condition` (SPEC §6 index swap, wordnet_qa only): 'clean', or 'shuffled' / 'corrupt', which build the
+    prompt and the side features from the item's swapped evidence; same items, order and scoring as clean.
     """
     spec = SPECS[task]
-    items = load_items(task, split, n, root)
+    check_condition(task, condition)  # before reading any data
+    items = with_condition(task, load_items(task, split, n, root), condition, split)
     side = torch.tensor(side_vectors(task, items, layout, root)) if layout else None
     start = time.perf_counter()
     predictions = generate(model, tokenizer, [spec.prompt(it) for it in items], spec.max_new_tokens, batch_size,
-                           side=side, desc=f"{task}")
+                           side=side, desc=task if condition == "clean" else f"{task} {condition}")
     rows = [{"task": task, "id": it["id"], "prediction": p, "scores": spec.score(p, it),
              "meta": {"slice_a": float(it["slice_a"])} if "slice_a" in it else {},
              "reference": spec.reference(it)} for it, p in zip(items, predictions)]
     names = rows[0]["scores"].keys()
-    summary = {"task": task, "split": split, "n": len(rows), "primary": spec.primary,
+    summary = {"task": task, "split": split, "condition": condition, "n": len(rows), "primary": spec.primary,
                "means": {k: sum(r["scores"][k] for r in rows) / len(rows) for k in names},
                "corpus": spec.corpus(predictions, items), "seconds": round(time.perf_counter() - start, 3)}
     return rows, summary

@@ -93,13 +93,33 @@ class BEMLayer(nn.Module):
         gates = self._runtime.gather(gates).to(x.dtype)  # (B, T, G)
         return (x.unflatten(-1, (gates.shape[-1], -1)) * gates.unsqueeze(-1)).flatten(-2)
 
+    def token_view(self, x: torch.Tensor) -> torch.Tensor:
+        """x as (B, T, d_in) when it arrives flattened to (B·T, d_in) (OPT's fc1/fc2), else x itself.
+
+        Codes, masks and gates are per example and token, so a flattened input is routed by the call's
+        (B, T); a flattened input of any other row count cannot be mapped to tokens and is an error.
+        """
+        if x.dim() != 2 or self._runtime is None or self._runtime._call is None:
+            return x
+        batch, seq = self._runtime._call.valid.shape  # (B, T) of the model call being served
+        if x.shape[0] == batch * seq:
+            return x.unflatten(0, (batch, seq))
+        per_example = self.gate_index is not None or self._runtime.mask is not None or (
+            self.site_index is not None and self._runtime.config.controller != "static")
+        if per_example:
+            raise RuntimeError(f"BEM site got a flattened input of shape {tuple(x.shape)} but the call has "
+                               f"(B, T) = ({batch}, {seq}) tokens; allowed: (B, T, d) or (B·T = {batch * seq}, d)")
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.merged:
             return self.base_layer(x)
+        tokens = self.token_view(x)
         if self.gate_index is not None:
-            x = self.gated_input(x)
-        y = self.base_layer(x)
-        return y + self.delta(x).to(y.dtype)
+            tokens = self.gated_input(tokens)
+            x = tokens.reshape(x.shape)
+        y = self.base_layer(x)  # on the input's own shape, so W0 x is bit-identical to the base model's
+        return y + self.delta(tokens).reshape(y.shape).to(y.dtype)
 
     def delta_weight(self, code: torch.Tensor | None = None) -> torch.Tensor:
         """Dense ΔW (d_out × d_in) for one constant code (default c ≡ 1), trust region applied."""

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -101,25 +102,42 @@ def load_base(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.floa
     return model, tokenizer
 
 
+# Tiny test models: (config class, model class, size options) per architecture, 2 blocks of width 32,
+# 4 heads. Gemma-2 and Mistral get an 8-token sliding window so cached generation crosses it.
+_TINY_SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+TINY = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_TINY_SHAPE, intermediate_size=64, num_key_value_heads=2)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=256)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_TINY_SHAPE, intermediate_size=64, num_key_value_heads=2)),
+    "mistral": ("MistralConfig", "MistralForCausalLM",
+                dict(_TINY_SHAPE, intermediate_size=64, num_key_value_heads=2, head_dim=8, sliding_window=8)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_TINY_SHAPE, intermediate_size=64, num_key_value_heads=2)),
+    # logit soft-capping stays on (Gemma-2's defaults 50 / 30); query scaling by head_dim
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_TINY_SHAPE, intermediate_size=64, num_key_value_heads=2,
+                                                         head_dim=8, query_pre_attn_scalar=8, sliding_window=8)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(_TINY_SHAPE, intermediate_size=64)),
+    # OPT's MLP (fc1, fc2) runs on tokens flattened to (B·T, d)
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(_TINY_SHAPE, ffn_dim=64, word_embed_proj_dim=32)),
+}
+"""Architectures `tiny` builds, by Hugging Face model_type."""
+
+ARCH_SITES = {
+    "llama": ("o_proj", "down_proj"), "qwen2": ("o_proj", "down_proj"), "mistral": ("o_proj", "down_proj"),
+    "phi3": ("o_proj", "down_proj"), "gemma2": ("o_proj", "down_proj"), "gpt2": ("attn.c_proj", "mlp.c_proj"),
+    "gpt_neox": ("attention.dense", "mlp.dense_4h_to_h"), "opt": ("self_attn.out_proj", "fc2"),
+}
+"""BEMConfig.sites for each tested architecture: its attention output projection W_O and MLP down projection W_down."""
+
+
 def tiny(arch: str = "llama", seed: int = 0, vocab_size: int = 128) -> PreTrainedModel:
-    """A small randomly initialised `llama` or `gpt2` causal LM for tests (2 blocks, width 32)."""
+    """A small randomly initialised causal LM of architecture `arch` (a key of TINY) for tests."""
+    if arch not in TINY:
+        raise ValueError(f"tiny(arch={arch!r}): arch must be one of {sorted(TINY)}")
+    config_name, model_name, options = TINY[arch]
+    config = getattr(transformers, config_name)(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1,
+                                                eos_token_id=2, **options)
     torch.manual_seed(seed)
-    if arch == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        model = LlamaForCausalLM(config)
-    elif arch == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256,
-                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        model = GPT2LMHeadModel(config)
-    else:
-        raise ValueError(f"tiny(arch={arch!r}): arch must be 'llama' or 'gpt2'")
-    return model.eval()
+    return getattr(transformers, model_name)(config).eval()
 
 
 if __name__ == "__main__":  # the child process of embedded_path

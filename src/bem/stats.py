@@ -1,4 +1,5 @@
-"""Paired statistics over evaluation items: BCa bootstrap, sign-flip permutation test, Benjamini–Hochberg."""
+"""Paired statistics over evaluation items: BCa bootstrap with its own p-value, sign-flip permutation test,
+Benjamini–Hochberg."""
 from __future__ import annotations
 
 import os
@@ -22,6 +23,7 @@ class BootstrapResult:
     n: int
     confidence: float
     note: str = ""  # why the interval is degenerate, if it is
+    p: float = 1.0  # two-sided bootstrap p of "no difference", from the same resamples: p < 1 − confidence iff 0 ∉ [low, high]
 
 
 def _blocks(n_resamples: int, seed: int, fn) -> np.ndarray:
@@ -53,10 +55,10 @@ def paired_bca(a, b, n_resamples: int = 10_000, confidence: float = 0.95, seed: 
     everything = np.arange(n)
     estimate = float(d.mean()) if statistic is None else float(statistic(everything))
     if n < 2:
-        return BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence, "fewer than 2 items: no interval")
+        return _point(estimate, n, confidence, n_resamples, "fewer than 2 items: no interval")
     if statistic is None and np.all(d == d[0]):
-        return BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence,
-                               "every paired difference is equal: the bootstrap distribution is a point")
+        return _point(estimate, n, confidence, n_resamples,
+                      "every paired difference is equal: the bootstrap distribution is a point")
     if statistic is None:
         boot = _blocks(n_resamples, seed, lambda rng, size: np.take(d, rng.integers(0, n, (size, n))).mean(axis=1))
         jack = (d.sum() - d) / (n - 1)
@@ -67,12 +69,45 @@ def paired_bca(a, b, n_resamples: int = 10_000, confidence: float = 0.95, seed: 
     return _bca_interval(estimate, boot, jack, n, confidence)
 
 
+def _point(estimate: float, n: int, confidence: float, n_resamples: int, note: str) -> BootstrapResult:
+    """A degenerate (point) bootstrap distribution at `estimate`: p = 1 at 0, else the smallest p resolvable
+    with this many resamples, so that the p still agrees with the point interval."""
+    p = 1.0 if estimate == 0 or n < 2 else 1.0 / (1 + n_resamples)
+    return BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence, note, p)
+
+
+def _bca_level_of(share: float, z0: float, accel: float) -> float:
+    """The nominal tail level α whose BCa-adjusted level Φ(z0 + (z0 + z_α)/(1 − a(z0 + z_α))) equals `share`.
+
+    Inverting the BCa map: w = Φ⁻¹(share) − z0, z_α = w/(1 + a·w) − z0. The map is increasing only where
+    1 + a·w > 0; a share beyond what any α reaches (or 0 or 1 with a ≠ 0) gives the limit 0 or 1.
+    """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        w = float(ndtri(share)) - z0
+        if np.isinf(w):
+            if accel * w > 0:  # the map's asymptote: z0 + z_α → 1/a
+                return float(ndtr(1.0 / accel - z0))
+            return 0.0 if w < 0 else 1.0
+        denom = 1.0 + accel * w
+        if denom <= 0:
+            return 0.0 if w < 0 else 1.0
+        return float(ndtr(w / denom - z0))
+
+
 def _bca_interval(estimate: float, boot: np.ndarray, jack: np.ndarray, n: int, confidence: float) -> BootstrapResult:
-    """The BCa interval from bootstrap replicates and jackknife values."""
+    """The BCa interval and its p-value from bootstrap replicates and jackknife values.
+
+    Endpoints are order statistics of the replicates (no interpolation): low is the ⌈α₁B⌉-th smallest
+    replicate and high the ⌈(1 − α₂)B⌉-th largest, for the BCa-adjusted levels α₁, α₂. The p-value inverts the
+    same map at 0: with F≤ = share of replicates ≤ 0 and F< = share < 0, α_L and α_U are the nominal levels whose
+    adjusted levels are F≤ and F<, and p = 2·min(α_L, 1 − α_U). Then low > 0 ⟺ F≤ < α₁ ⟺ α_L < (1 − confidence)/2
+    and high < 0 ⟺ F< > α₂ ⟺ 1 − α_U < (1 − confidence)/2: p < 1 − confidence exactly when the interval
+    excludes 0 (floating-point ties aside). p is floored at 1/(1 + B), the resolution of B resamples.
+    """
     n_resamples = len(boot)
     if np.all(boot == boot[0]):
-        return BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence,
-                               "every resample gives the same value: the bootstrap distribution is a point")
+        return _point(estimate, n, confidence, n_resamples,
+                      "every resample gives the same value: the bootstrap distribution is a point")
     share_below = (np.sum(boot < estimate) + 0.5 * np.sum(boot == estimate)) / n_resamples
     z0 = float(ndtri(np.clip(share_below, 1 / (2 * n_resamples), 1 - 1 / (2 * n_resamples))))
     dev = jack.mean() - jack
@@ -80,8 +115,14 @@ def _bca_interval(estimate: float, boot: np.ndarray, jack: np.ndarray, n: int, c
     accel = float(np.sum(dev**3) / denom) if denom > 0 else 0.0
     z = ndtri(np.array([(1 - confidence) / 2, (1 + confidence) / 2]))
     levels = ndtr(z0 + (z0 + z) / (1 - accel * (z0 + z)))
-    low, high = np.quantile(boot, levels)
-    return BootstrapResult(estimate, float(low), float(high), z0, accel, n, confidence)
+    ordered = np.sort(boot)
+    low = ordered[int(np.clip(np.ceil(levels[0] * n_resamples) - 1, 0, n_resamples - 1))]
+    high = ordered[int(np.clip(n_resamples - np.ceil((1 - levels[1]) * n_resamples), 0, n_resamples - 1))]
+    at_or_below, below = np.searchsorted(ordered, 0.0, side="right"), np.searchsorted(ordered, 0.0, side="left")
+    alpha_low = _bca_level_of(at_or_below / n_resamples, z0, accel)
+    alpha_high = _bca_level_of(below / n_resamples, z0, accel)
+    p = float(np.clip(2 * min(alpha_low, 1 - alpha_high), 1 / (1 + n_resamples), 1.0))
+    return BootstrapResult(estimate, float(low), float(high), z0, accel, n, confidence, p=p)
 
 
 def paired_bca_family(a, b, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0) -> list[BootstrapResult]:
@@ -109,8 +150,8 @@ def paired_bca_family(a, b, n_resamples: int = 10_000, confidence: float = 0.95,
     for k in range(m):
         estimate = float(d[k].mean())
         if np.all(d[k] == d[k, 0]):
-            out.append(BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence,
-                                       "every paired difference is equal: the bootstrap distribution is a point"))
+            out.append(_point(estimate, n, confidence, n_resamples,
+                              "every paired difference is equal: the bootstrap distribution is a point"))
             continue
         out.append(_bca_interval(estimate, boot[:, k], (d[k].sum() - d[k]) / (n - 1), n, confidence))
     return out
@@ -155,7 +196,7 @@ def paired_bca_corpus(stats_a, stats_b, score: Callable[[np.ndarray], float], n_
     n = len(sa)
     estimate = score(sb.sum(0)) - score(sa.sum(0)) if n else float("nan")
     if n < 2:
-        return BootstrapResult(estimate, estimate, estimate, 0.0, 0.0, n, confidence, "fewer than 2 items: no interval")
+        return _point(estimate, n, confidence, n_resamples, "fewer than 2 items: no interval")
     both = np.concatenate([sa, sb], axis=1)
     k = sa.shape[1]
 
@@ -275,8 +316,8 @@ def hierarchical_test(a, b, n_resamples: int = 10_000, confidence: float = 0.95,
     boot = _hierarchical_draws(a, b, n_resamples, seed, paired_seeds)
     low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
     tail = min((1 + np.sum(boot <= 0)) / (1 + len(boot)), (1 + np.sum(boot >= 0)) / (1 + len(boot)))
-    return (BootstrapResult(estimate, float(low), float(high), 0.0, 0.0, n, confidence, "percentile (seed × item)"),
-            float(min(1.0, 2 * tail)))
+    p = float(min(1.0, 2 * tail))
+    return BootstrapResult(estimate, float(low), float(high), 0.0, 0.0, n, confidence, "percentile (seed × item)", p), p
 
 
 def hierarchical_bootstrap(a, b, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0,

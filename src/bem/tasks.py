@@ -42,13 +42,16 @@ class TaskSpec:
     max_new_tokens: int
     primary: str  # the metric a verdict is about
     reference: Callable[[dict], str] = lambda item: ""  # for corpus metrics
+    hypothesis: Callable[[str], str] = lambda prediction: prediction
+    """The string of a raw reply that is scored: the same for the per-item score and the corpus metrics."""
 
     def corpus(self, predictions: list[str], items: list[dict]) -> dict[str, float]:
-        """Corpus-level scores (BLEU/chrF recomputed on the whole set) where the task has them."""
+        """Corpus-level scores (BLEU/chrF recomputed on the whole set) where the task has them, on each raw
+        reply's `hypothesis` (the string its per-item score is computed on)."""
         if self.name != "bible_translate":
             return {}
-        refs = [self.reference(it) for it in items]
-        return {"corpus_bleu": metrics.corpus_bleu(predictions, refs), "corpus_chrf": metrics.corpus_chrf(predictions, refs)}
+        hyps, refs = [self.hypothesis(p) for p in predictions], [self.reference(it) for it in items]
+        return {"corpus_bleu": metrics.corpus_bleu(hyps, refs), "corpus_chrf": metrics.corpus_chrf(hyps, refs)}
 
 
 def _qa_prompt(item: dict, evidence_key: str = "evidence") -> str:
@@ -77,10 +80,10 @@ SPECS: dict[str, TaskSpec] = {
     "wordnet_qa": TaskSpec("wordnet_qa", _qa_prompt, _qa_score, 10, "f1"),
     "bible_translate": TaskSpec(
         "bible_translate", lambda it: f"Translate this Spanish Bible verse into English:\n{it['source']}",
-        _translate_score, 80, "chrf", reference=lambda it: it["target"]),
+        _translate_score, 80, "chrf", reference=lambda it: it["target"], hypothesis=first_line),
     "wordnet_define": TaskSpec(
         "wordnet_define", lambda it: f'Define the {it["pos"]} "{it["word"]}" in one short sentence.',
-        lambda p, it: {"chrf": metrics.sentence_chrf(first_line(p), it["target"])}, 32, "chrf"),
+        lambda p, it: {"chrf": metrics.sentence_chrf(first_line(p), it["target"])}, 32, "chrf", hypothesis=first_line),
     "json_format": TaskSpec(
         "json_format",
         lambda it: ("Convert this dictionary entry to a JSON object with exactly the keys word, pos, definition, "

@@ -30,10 +30,11 @@ class Comparison:
     difference: float  # improvement: positive = the experiment is better
     low: float
     high: float
-    p: float
-    p_bh: float = 1.0
+    p: float  # from the same resamples as [low, high]: p < 0.05 exactly when the 95% interval excludes 0
+    p_bh: float = 1.0  # Benjamini–Hochberg over every comparison's p
     effect_size: float = 0.0
     note: str = ""
+    p_signflip: float = float("nan")  # secondary: sign-flip (corpus: approximate-randomisation) permutation p
 
 
 @dataclass
@@ -86,9 +87,11 @@ def _seed_scores(conn, experiment: str, config_hash: str, task: str, metric: str
 def compare(db_path: Path, n_resamples: int = 10_000,
             hierarchical: bool = False) -> tuple[list[Comparison], list[Verdict], dict]:
     """Paired comparisons of every experiment with its anchor and with static LoRA, and their verdicts.
-    Per-item metrics: BCa of the per-item means over seeds and a sign-flip p; with `hierarchical`, a
-    seed × item percentile bootstrap and its p instead (seed-to-seed variance in the interval; seeds paired
-    across the two systems when both ran the same seeds, since a seed fixes data order and initialisation)."""
+    Per-item metrics: BCa of the per-item means over seeds and the BCa p of the same resamples; with
+    `hierarchical`, a seed × item percentile bootstrap and its p instead (seed-to-seed variance in the interval;
+    seeds paired across the two systems when both ran the same seeds, since a seed fixes data order and
+    initialisation). The p of each comparison agrees with its interval and is the one BH and the verdict use;
+    the sign-flip permutation p of the per-item means is kept beside it as `p_signflip`."""
     from bem.experiments.results import ResultsDB
 
     ResultsDB(db_path).close()  # brings an older database's schema up to date
@@ -125,23 +128,24 @@ def compare(db_path: Path, n_resamples: int = 10_000,
         groups.setdefault((row[2], row[3], tuple(row[5])), []).append(k)
     results: dict[int, tuple] = {}
     for members in groups.values():
-        if hierarchical:  # the same seed numbers in both systems share data order and init: paired seeds
-            for k in members:
-                name, versus = rows[k][:2]
-                paired = units[name]["seeds"] == units[versus]["seeds"]
-                results[k] = hierarchical_test(*rows[k][9], n_resamples=n_resamples, paired_seeds=paired)
-            continue
         a = np.array([rows[k][6] for k in members]).reshape(len(members), -1)
         b = np.array([rows[k][7] for k in members]).reshape(len(members), -1)
+        signflip = permutation_pvalues(a, b, n_resamples=n_resamples)
+        if hierarchical:  # the same seed numbers in both systems share data order and init: paired seeds
+            for k, p_signflip in zip(members, signflip):
+                name, versus = rows[k][:2]
+                paired = units[name]["seeds"] == units[versus]["seeds"]
+                results[k] = (hierarchical_test(*rows[k][9], n_resamples=n_resamples, paired_seeds=paired)[0],
+                              float(p_signflip))
+            continue
         intervals = paired_bca_family(a, b, n_resamples=n_resamples)
-        pvalues = permutation_pvalues(a, b, n_resamples=n_resamples)
-        results.update({k: (r, float(p)) for k, r, p in zip(members, intervals, pvalues)})
+        results.update({k: (r, float(p)) for k, r, p in zip(members, intervals, signflip)})
     for k, (name, versus, task, slice_name, metric, ids, a, b, sign, _) in enumerate(rows):
-        r, p = results[k]
+        r, p_signflip = results[k]
         comparisons.append(Comparison(
             name, versus, task, slice_name, metric, len(ids), len(units[name]["seeds"]),
             float(np.mean(b) * sign) if len(ids) else float("nan"), float(np.mean(a) * sign) if len(ids) else float("nan"),
-            r.estimate, r.low, r.high, p, effect_size=cohens_dz(a, b), note=r.note))
+            r.estimate, r.low, r.high, r.p, effect_size=cohens_dz(a, b), note=r.note, p_signflip=p_signflip))
     comparisons += _corpus_comparisons(conn, units, pairs, n_resamples)
     adjusted, _ = benjamini_hochberg([c.p for c in comparisons])
     for c, p in zip(comparisons, adjusted):
@@ -174,22 +178,42 @@ def _references(conn, task: str, ids: list[str]) -> dict[str, str]:
     return refs
 
 
+def corpus_scores(conn, unit_id: int, task: str) -> dict[str, float]:
+    """A unit's corpus metrics recomputed from its stored replies, on each reply's `TaskSpec.hypothesis` (what
+    `TaskSpec.corpus` gives now; units stored before it scored the raw replies in their `metrics` rows)."""
+    from bem import metrics
+
+    if task not in CORPUS_METRICS:
+        return {}
+    rows = conn.execute("SELECT item_id, prediction FROM item_scores WHERE unit_id=? AND task=? AND metric=? "
+                        "ORDER BY rowid", (unit_id, task, SPECS[task].primary)).fetchall()
+    refs = _references(conn, task, [i for i, _ in rows])
+    kept = [(SPECS[task].hypothesis(p), refs[i]) for i, p in rows if i in refs]
+    if not kept:
+        return {}
+    hyps, references = map(list, zip(*kept))
+    scorers = {"corpus_chrf": metrics.corpus_chrf, "corpus_bleu": metrics.corpus_bleu}
+    return {metric: float(scorers[metric](hyps, references)) for metric in CORPUS_METRICS[task]}
+
+
 def _corpus_comparisons(conn, units: dict, pairs: list, n_resamples: int) -> list[Comparison]:
     """Corpus BLEU/chrF comparisons (SPEC §7): the corpus statistic is recomputed on every resample of items.
     With several seeds, each item's sufficient statistics are summed over the seeds (the seeds' outputs
-    pooled into one corpus)."""
+    pooled into one corpus). The stored predictions are raw replies; the corpus is built from each one's
+    `TaskSpec.hypothesis`, the string its per-item score was computed on. p: the BCa p of the same resamples;
+    p_signflip: the approximate-randomisation p."""
     from bem import metrics
     from bem.stats import paired_bca_corpus, permutation_pvalue_corpus
 
     out, cache = [], {}
 
-    def predictions(experiment: str, task: str) -> dict[int, dict[str, str]]:
+    def predictions(experiment: str, task: str) -> dict[int, dict[str, str]]:  # seed -> item -> hypothesis
         rows = conn.execute("SELECT u.seed, s.item_id, s.prediction FROM item_scores s JOIN units u ON u.id = s.unit_id "
                             "WHERE u.experiment=? AND u.config_hash=? AND s.task=? AND s.metric=?",
                             (experiment, units[experiment]["hash"], task, SPECS[task].primary)).fetchall()
         by_seed: dict[int, dict[str, str]] = {}
         for seed, item, prediction in rows:
-            by_seed.setdefault(seed, {})[item] = prediction
+            by_seed.setdefault(seed, {})[item] = SPECS[task].hypothesis(prediction)
         return by_seed
 
     def statistics(experiment: str, task: str, metric: str, ids: tuple, refs: dict) -> np.ndarray:
@@ -216,10 +240,10 @@ def _corpus_comparisons(conn, units: dict, pairs: list, n_resamples: int) -> lis
                 sa, sb = statistics(versus, task, metric, ids, refs), statistics(name, task, metric, ids, refs)
                 score = metrics.corpus_score_from_statistics(metric)
                 r = paired_bca_corpus(sa, sb, score, n_resamples=n_resamples)
-                p = permutation_pvalue_corpus(sa, sb, score, n_resamples=n_resamples)
+                p_signflip = permutation_pvalue_corpus(sa, sb, score, n_resamples=n_resamples)
                 out.append(Comparison(name, versus, task, "B", metric, len(ids), len(units[name]["seeds"]),
-                                      score(sb.sum(0)), score(sa.sum(0)), r.estimate, r.low, r.high, p,
-                                      note=r.note or "corpus statistic recomputed per resample"))
+                                      score(sb.sum(0)), score(sa.sum(0)), r.estimate, r.low, r.high, r.p,
+                                      note=r.note or "corpus statistic recomputed per resample", p_signflip=p_signflip))
     return out
 
 
@@ -299,6 +323,9 @@ def analyze(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = False
                          [(v.experiment, units[v.experiment]["hash"], v.versus, v.verdict, json.dumps(v.reasons),
                            json.dumps([asdict(c) for c in comparisons if (c.experiment, c.versus) == (v.experiment, v.versus)]))
                           for v in verdicts])
-    return {"method": "seed × item percentile bootstrap (seeds paired where both ran the same)" if hierarchical else "BCa of per-item means over seeds",
+    from bem.experiments import index_swap  # index swap (SPEC §6): bem/experiments/index_swap.py
+
+    index_swap_result = index_swap.analyze(db_path, n_resamples)
+    return {"index_swap": index_swap_result, "method": "seed × item percentile bootstrap (seeds paired where both ran the same)" if hierarchical else "BCa of per-item means over seeds",
             "units": {k: {"config_hash": v["hash"], "seeds": v["seeds"], "config": v["config"]} for k, v in units.items()},
             "comparisons": [asdict(c) for c in comparisons], "verdicts": [asdict(v) for v in verdicts]}

@@ -39,6 +39,11 @@ class TrainingConfig:
     """Micro-batches per optimizer step."""
     lr: float = 2e-3
     """Peak learning rate of AdamW."""
+    controller_lr: float | None = None
+    """Peak learning rate of the controller's parameters (None: `lr`). The controller's heads start at zero and
+    their gradient is proportional to the sites' U, which starts at zero too, so at small budgets the codes barely
+    leave c ≡ 1; a larger controller rate (as LoRA+ gives B a larger rate than A) lets routing move sooner.
+    Same warm-up and decay as `lr`."""
     weight_decay: float = 0.0
     warmup_steps: int = 10
     """Linear warm-up, then linear decay to 0 at `steps`."""
@@ -101,11 +106,19 @@ class ExperimentConfig:
         return d
 
     def config_hash(self) -> str:
-        """Hash of everything that changes results (the description does not)."""
+        """Hash of everything that changes results (the description does not). Optional fields added after
+        results were stored (`HASH_OPTIONAL`) count only when set, so stored units keep their hashes."""
         d = self.to_dict()
         d.pop("description")
         d.pop("seeds")
+        for section, key in HASH_OPTIONAL:
+            if d[section].get(key) is None:
+                d[section].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# (section, field) of config fields that default to None and leave the hash unchanged while None
+HASH_OPTIONAL = (("training", "controller_lr"),)
 
 
 # --- loading ----------------------------------------------------------------------------------------
@@ -265,6 +278,13 @@ def _check(config: ExperimentConfig, source: str) -> None:
             raise ConfigError(f"{source}: {name} = {value!r} is not allowed; expected an integer >= 1")
     if config.training.lr <= 0:
         raise ConfigError(f"{source}: training.lr = {config.training.lr!r} is not allowed; expected a number > 0")
+    controller_lr = config.training.controller_lr
+    if controller_lr is not None and controller_lr <= 0:
+        raise ConfigError(f"{source}: training.controller_lr = {controller_lr!r} is not allowed; expected a number > 0 "
+                          "or null (the controller trains at training.lr)")
+    if controller_lr is not None and config.bem.controller == "static":
+        raise ConfigError(f"{source}: training.controller_lr = {controller_lr!r} is not allowed with bem.controller = "
+                          "'static' (no controller to train); expected null")
     from bem.tasks import side_layout, side_width
 
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):

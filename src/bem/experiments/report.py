@@ -147,6 +147,77 @@ def _profile_lines(conn) -> list[str]:
     return lines
 
 
+def _corpus_means(conn) -> dict[tuple[str, str, str], float]:
+    """(experiment, task, metric) → the mean over the latest units of each unit's recomputed corpus score."""
+    from bem.experiments.analysis import CORPUS_METRICS, corpus_scores
+
+    per_unit: dict[tuple, list[float]] = {}
+    tasks = ",".join(f"'{t}'" for t in CORPUS_METRICS)
+    for experiment, unit, task in conn.execute(
+            f"SELECT DISTINCT u.experiment, u.id, m.task FROM metrics m JOIN units u ON u.id = m.unit_id "
+            f"WHERE {_latest(conn)} AND m.task IN ({tasks}) ORDER BY u.id"):
+        for metric, value in corpus_scores(conn, unit, task).items():
+            per_unit.setdefault((experiment, task, metric), []).append(value)
+    return {key: sum(values) / len(values) for key, values in per_unit.items()}
+
+
+def _routing_lines(conn, units: dict) -> list[str]:
+    """"Is routing alive?": one row per routed experiment (the mean over its latest units and tasks of
+    bem.routing_stats.measure_routing's summary), and a sentence for each system whose codes did not move."""
+    from bem.routing_stats import MOVED_THRESHOLD
+
+    lines = ["", "## Is routing alive?", ""]
+    routed = [name for name, u in units.items() if u["config"]["bem"].get("controller", "chunk") != "static"]
+    stats: dict[str, dict[tuple, dict[str, float]]] = {}  # experiment -> (unit, task, site) -> stat -> value
+    for experiment, unit, task, site, stat, value in conn.execute(
+            f"SELECT u.experiment, r.unit_id, r.task, r.site, r.stat, r.value FROM routing r JOIN units u "
+            f"ON u.id = r.unit_id WHERE {_latest(conn)} ORDER BY u.experiment, r.unit_id, r.task, r.rowid"):
+        stats.setdefault(experiment, {}).setdefault((unit, task, site), {})[stat] = value
+    if not stats:
+        return lines + [f"No routing statistics stored for {', '.join(routed) or 'any experiment'}. `bem run` measures "
+                        "them for each routed unit after its evaluation (`bem.routing_stats.measure_routing`: "
+                        "teacher-forced forwards over the unit's own test replies) and stores them in the `routing` "
+                        "table; units stored before that have none (measuring needs their trained modules: run the "
+                        "experiments again with `bem run`)."]
+    lines += [f"Per routed experiment, the mean over its units and tasks of: the largest mean |c − 1| of any site, "
+              f"the std of c over items × chunks (mean over sites), the share of chunk boundaries where the chunk "
+              f"code was replaced (pooled), and the ranges of the PT1 gates and FiLM γ, β over all items and chunks. "
+              f"Codes did not move: every site's mean |c − 1| (and every gate's mean |g − 1|, FiLM's mean |γ − 1| and "
+              f"|β|) below {MOVED_THRESHOLD} in every unit.", "",
+              "| experiment | units × tasks | max mean abs(c − 1) | code std | switch rate | gates | FiLM γ | FiLM β | moved |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    still = []
+    for experiment, rows in stats.items():
+        summaries = [values for (_, _, site), values in rows.items() if site == "all"]
+        if not summaries:
+            continue
+
+        def mean(stat):
+            return sum(s[stat] for s in summaries) / len(summaries)
+
+        def span(low, high):
+            lows = [v[low] for v in rows.values() if low in v]
+            return f"[{min(lows):.3f}, {max(v[high] for v in rows.values() if high in v):.3f}]" if lows else "—"
+
+        boundaries = sum(s["boundaries"] for s in summaries)
+        rate = f"{sum(s['switches'] for s in summaries) / boundaries:.3f}" if boundaries else "—"
+        moved = any(s["moved"] for s in summaries)
+        if not moved:
+            still.append((experiment, max(s["code_max_mean_abs_dev"] for s in summaries)))
+        lines.append(f"| {experiment} | {len(summaries)} | {mean('code_max_mean_abs_dev'):.4f} | {mean('code_mean_std'):.4f} "
+                     f"| {rate} | {span('gate_min', 'gate_max')} | {span('gamma_min', 'gamma_max')} | "
+                     f"{span('beta_min', 'beta_max')} | {'yes' if moved else '**no**'} |")
+    for experiment, deviation in still:
+        lines += ["", f"**{experiment}: its codes did not move** (largest mean |c − 1| of any site {deviation:.2g} < "
+                  f"{MOVED_THRESHOLD}, gates and FiLM within {MOVED_THRESHOLD} of identity): on these items it routes "
+                  "every token like c ≡ 1, so it is indistinguishable from static LoRA on the same sites, and a "
+                  "comparison with it says nothing about routing."]
+    missing = [name for name in routed if name not in stats]
+    if missing:
+        lines += ["", f"No routing statistics stored for {', '.join(missing)}."]
+    return lines
+
+
 def write_report(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = False) -> Path:
     run_dir = Path(run_dir)
     result = analyze(run_dir, n_resamples, hierarchical)
@@ -168,25 +239,32 @@ def write_report(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = 
             "GROUP BY experiment, config_hash ORDER BY experiment"):
         lines.append(f"| {experiment} | `{config_hash}` | {seeds} | {train:.0f} | {evals:.0f} |")
     lines += ["", "## Scores (latest config of each experiment; mean over items and seeds)", "",
+              "Corpus BLEU/chrF: each seed's corpus score, recomputed from its stored replies on the same string the "
+              "per-item score uses (a translation's first line), then the mean over seeds.", "",
               "| experiment | task | metric | value |", "|---|---|---|---|"]
+    corpus = _corpus_means(conn)
     for experiment, task, metric, value in conn.execute(
             f"SELECT u.experiment, m.task, m.metric, AVG(m.value) FROM metrics m JOIN units u ON u.id = m.unit_id "
             f"WHERE {_latest(conn)} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"):
-        lines.append(f"| {experiment} | {task} | {metric} | {value:.4f} |")
+        lines.append(f"| {experiment} | {task} | {metric} | {corpus.get((experiment, task, metric), value):.4f} |")
+    lines += _routing_lines(conn, result["units"])
     lines += ["", "## Comparisons", "",
               ("Paired by item; improvement = experiment − versus (for violation: versus − experiment); "
                + (f"seed × item percentile bootstrap 95% CI (`--hierarchical`: items resampled paired, seeds resampled "
-                  f"too, paired across systems that ran the same seeds), {n_resamples:,} resamples, p from the same resamples; "
-                  if hierarchical else
-                  f"seeds averaged per item, BCa 95% CI, {n_resamples:,} resamples; sign-flip permutation p; ")
-               + "corpus metrics: corpus score recomputed per resample, approximate-randomisation p; "
-               "Benjamini–Hochberg over all rows. Slice B = all items, Slice A = retrieval-strong items."), "",
-              "| experiment | versus | task | slice | metric | n | improvement | 95% CI | p | BH p |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"too, paired across systems that ran the same seeds), {n_resamples:,} resamples; "
+                  if hierarchical else f"seeds averaged per item, BCa 95% CI, {n_resamples:,} resamples; ")
+               + "corpus metrics (on each reply's scored first line): corpus score recomputed per resample; "
+               "p from the same resamples as the CI (p < 0.05 exactly when the CI excludes 0); Benjamini–Hochberg "
+               "over all rows' p (BH p, what the verdicts use); sign-flip p: the paired permutation test (corpus "
+               "metrics: approximate randomisation), shown beside it. Slice B = all items, Slice A = retrieval-strong "
+               "items."), "",
+              "| experiment | versus | task | slice | metric | n | improvement | 95% CI | p | BH p | sign-flip p |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
         small = " (too small)" if c["n"] < MIN_ITEMS else ""
         lines.append(f"| {c['experiment']} | {c['versus']} | {c['task']} | {c['slice']} | {c['metric']} | {c['n']}{small} | "
-                     f"{c['difference']:+.4f} | [{c['low']:+.4f}, {c['high']:+.4f}] | {c['p']:.4f} | {c['p_bh']:.4f} |")
+                     f"{c['difference']:+.4f} | [{c['low']:+.4f}, {c['high']:+.4f}] | {c['p']:.4f} | {c['p_bh']:.4f} | "
+                     f"{c.get('p_signflip', float('nan')):.4f} |")
     lines += ["", "## Verdicts", ""]
     if not result["verdicts"]:
         present = sorted(result["units"])
@@ -195,6 +273,9 @@ def write_report(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = 
     for v in result["verdicts"]:
         lines.append(f"- **{v['experiment']} vs {v['versus']}: {v['verdict'].upper()}**")
         lines += [f"  - {r}" for r in v["reasons"]]
+    from bem.experiments.index_swap import report_lines  # index swap (SPEC §6): bem/experiments/index_swap.py
+
+    lines += report_lines(result["index_swap"])
     lines += ["", "## Plots", "", "![training curves](curves.png)", ""]
     if result["comparisons"]:
         lines += ["![comparisons](forest.png)", ""]

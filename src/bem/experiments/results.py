@@ -25,9 +25,18 @@ CREATE TABLE IF NOT EXISTS item_refs (task TEXT, item_id TEXT, reference TEXT, U
 CREATE TABLE IF NOT EXISTS metrics (unit_id INTEGER REFERENCES units(id), task TEXT, metric TEXT, value REAL);
 CREATE TABLE IF NOT EXISTS curves (unit_id INTEGER REFERENCES units(id), step INTEGER, loss REAL, lr REAL, grad_norm REAL);
 CREATE TABLE IF NOT EXISTS profiles (experiment TEXT, config_hash TEXT, metric TEXT, value REAL, device TEXT);
+CREATE TABLE IF NOT EXISTS profile_units (experiment TEXT, config_hash TEXT, device TEXT, status TEXT, seed INTEGER,
+    kv_denominator INTEGER, UNIQUE (experiment, config_hash, device));
 CREATE TABLE IF NOT EXISTS profile_ratios (experiment TEXT, config_hash TEXT, versus TEXT, metric TEXT, ratio REAL,
     device TEXT);
 CREATE TABLE IF NOT EXISTS verdicts (experiment TEXT, config_hash TEXT, versus TEXT, verdict TEXT, reasons TEXT, json TEXT);
+-- index swap (SPEC §6): per-item scores of a unit under a swapped index; clean scores stay in item_scores
+CREATE TABLE IF NOT EXISTS condition_scores (
+    unit_id INTEGER REFERENCES units(id), condition TEXT, task TEXT, item_id TEXT, metric TEXT, value REAL,
+    prediction TEXT);
+CREATE INDEX IF NOT EXISTS condition_scores_by_unit ON condition_scores(unit_id, condition, task, metric);
+-- is routing alive: per routed unit and task, bem.routing_stats.measure_routing's {site: {stat: value}}
+CREATE TABLE IF NOT EXISTS routing (unit_id INTEGER REFERENCES units(id), task TEXT, site TEXT, stat TEXT, value REAL);
 """
 
 
@@ -90,9 +99,16 @@ class ResultsDB:
             out.setdefault(seed, {})[item] = value
         return out
 
+    def finished_seeds(self, experiment: str, config_hash: str) -> list[int]:
+        return [s for (s,) in self.conn.execute("SELECT seed FROM units WHERE experiment=? AND config_hash=? ORDER BY seed",
+                                                (experiment, config_hash))]
+
     def write_profiles(self, profiles) -> None:
+        """Each profile's metrics and what was profiled (trained unit and its seed, untrained modules, or the base)."""
         with self.conn:
             for p in profiles:
+                self.conn.execute("INSERT OR REPLACE INTO profile_units VALUES (?, ?, ?, ?, ?, ?)",
+                                  (p.name, p.config_hash, p.device, p.status, p.seed, p.kv_denominator))
                 self.conn.execute("DELETE FROM profiles WHERE experiment=? AND config_hash=? AND device=?",
                                   (p.name, p.config_hash, p.device))
                 self.conn.executemany("INSERT INTO profiles VALUES (?, ?, ?, ?, ?)",
@@ -116,3 +132,46 @@ class ResultsDB:
         row = self.conn.execute("SELECT config_hash FROM units WHERE experiment=? ORDER BY finished DESC LIMIT 1",
                                 (experiment,)).fetchone()
         return row[0] if row else None
+
+    # --- index swap (SPEC §6) ------------------------------------------------------------------
+    def unit_id(self, experiment: str, config_hash: str, seed: int) -> int | None:
+        row = self.conn.execute("SELECT id FROM units WHERE experiment=? AND config_hash=? AND seed=?",
+                                (experiment, config_hash, seed)).fetchone()
+        return row[0] if row else None
+
+    def conditions_done(self, unit_id: int, task: str) -> set[str]:
+        """The index-swap conditions of a unit's task that are stored (each is written whole or not at all)."""
+        return {c for (c,) in self.conn.execute("SELECT DISTINCT condition FROM condition_scores WHERE unit_id=? "
+                                                "AND task=?", (unit_id, task))}
+
+    def write_condition(self, unit_id: int, condition: str, rows: list[dict]) -> None:
+        """One unit's per-item scores under one condition, in one transaction (replacing any earlier ones)."""
+        if not self.conn.execute("SELECT 1 FROM units WHERE id=?", (unit_id,)).fetchone():
+            raise ValueError(f"unit id {unit_id} is not in {self.path}; conditions belong to a finished unit")
+        with self.conn:
+            for task in {r["task"] for r in rows}:
+                self.conn.execute("DELETE FROM condition_scores WHERE unit_id=? AND condition=? AND task=?",
+                                  (unit_id, condition, task))
+            self.conn.executemany(
+                "INSERT INTO condition_scores VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(unit_id, condition, r["task"], r["id"], metric, value, r["prediction"])
+                 for r in rows for metric, value in r["scores"].items()])
+
+    # --- is routing alive (bem.routing_stats) ----------------------------------------------------
+    def write_routing(self, unit_id: int, task: str, stats: dict[str, dict[str, float]]) -> None:
+        """A unit's routing statistics on one task ({site: {stat: value}}), replacing earlier ones, in one transaction."""
+        if not self.conn.execute("SELECT 1 FROM units WHERE id=?", (unit_id,)).fetchone():
+            raise ValueError(f"unit id {unit_id} is not in {self.path}; routing statistics belong to a finished unit")
+        with self.conn:
+            self.conn.execute("DELETE FROM routing WHERE unit_id=? AND task=?", (unit_id, task))
+            self.conn.executemany("INSERT INTO routing VALUES (?, ?, ?, ?, ?)",
+                                  [(unit_id, task, site, stat, float(value))
+                                   for site, values in stats.items() for stat, value in values.items()])
+
+    def routing(self, unit_id: int) -> dict[str, dict[str, dict[str, float]]]:
+        """{task: {site: {stat: value}}} of a unit, as written by write_routing."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for task, site, stat, value in self.conn.execute(
+                "SELECT task, site, stat, value FROM routing WHERE unit_id=? ORDER BY rowid", (unit_id,)):
+            out.setdefault(task, {}).setdefault(site, {})[stat] = value
+        return out

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from bem import save_bem
-from bem.evaluate import evaluate_task
+from bem.evaluate import INDEX_SWAP, evaluate_task
 from bem.experiments.config import EXPERIMENTS_DIR, ExperimentConfig, load_experiment
 from bem.experiments.results import ResultsDB
 from bem.experiments.training import train_unit
@@ -35,9 +35,53 @@ def unit_name(config: ExperimentConfig, seed: int) -> str:
     return f"{config.name}-{config.config_hash()}-s{seed}"
 
 
+def _layout(config: ExperimentConfig) -> dict | None:
+    """The side-input layout the unit's controller reads at evaluation (None: it reads none)."""
+    return side_layout(config.tasks) if config.side_inputs and config.bem.controller != "static" else None
+
+
+def swap_conditions(config: ExperimentConfig) -> list[tuple[str, str]]:
+    """(task, condition) pairs of the index swap (SPEC §6) a unit is evaluated under besides clean: every task
+    with swapped variants (wordnet_qa). Every system reads the evidence in its prompt (and routed systems with side
+    inputs read its features too), so every such unit gets them. The variants exist for the test split only."""
+    if config.evaluation.split != "test":
+        return []
+    return [(task, condition) for task in config.tasks for condition in INDEX_SWAP.get(task, ())]
+
+
+def missing_conditions(db: ResultsDB, unit_id: int, config: ExperimentConfig) -> list[tuple[str, str]]:
+    return [(task, c) for task, c in swap_conditions(config) if c not in db.conditions_done(unit_id, task)]
+
+
+def evaluate_conditions(db: ResultsDB, unit_id: int, model, tokenizer, config: ExperimentConfig,
+                        todo: list[tuple[str, str]], data_root: Path | None = None) -> None:
+    """Evaluate a finished unit's model under each (task, condition) and commit each one on its own, so that a
+    crash keeps what was done and a rerun evaluates only the rest."""
+    for task, condition in todo:
+        start = time.perf_counter()
+        rows, summary = evaluate_task(model, tokenizer, task, config.evaluation.items, config.evaluation.split,
+                                      config.evaluation.batch_size, data_root, _layout(config), condition=condition)
+        db.write_condition(unit_id, condition, rows)
+        log.info("%s unit %d: %s %s evaluated in %.0f s (%s)", config.name, unit_id, task, condition,
+                 time.perf_counter() - start, summary["means"])
+
+
+def backfill_conditions(db: ResultsDB, unit_id: int, config: ExperimentConfig, seed: int, out: Path,
+                        todo: list[tuple[str, str]], data_root: Path | None = None) -> None:
+    """A finished unit that lacks conditions (a killed run, or a run stored before the index swap): load its
+    trained modules (retrained deterministically where the adapter folder is missing) and evaluate only those."""
+    from bem.experiments.adapters import load_trained  # lazy: it may train, which pulls in Accelerate
+
+    log.info("%s seed %d: finished earlier; evaluating the missing index-swap condition(s) %s", config.name, seed,
+             ", ".join(f"{t} {c}" for t, c in todo))
+    model, tokenizer = load_trained(config, seed, out, data_root=data_root)
+    evaluate_conditions(db, unit_id, model, tokenizer, config, todo, data_root)
+
+
 def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, out: Path,
              data_root: Path | None = None) -> int:
-    """Train (resuming if a checkpoint exists), evaluate, and commit one unit."""
+    """Train (resuming if a checkpoint exists), evaluate, and commit one unit; then its index-swap conditions,
+    each committed on its own."""
     name = unit_name(config, seed)
     checkpoint = out / "checkpoints" / name
     start = time.perf_counter()
@@ -45,7 +89,7 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
     train_seconds = time.perf_counter() - start
     if not unit.is_main:  # under DDP only the main process evaluates and writes
         return -1
-    layout = side_layout(config.tasks) if config.side_inputs and config.bem.controller != "static" else None
+    layout = _layout(config)
     rows, summaries = [], []
     start = time.perf_counter()
     for task in config.tasks:
@@ -58,13 +102,15 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
     unit_id = db.write_unit(run_id, config.name, config.config_hash(), config.to_dict(), seed, rows, summaries,
                             unit.curve, train_seconds, eval_seconds)
     shutil.rmtree(checkpoint, ignore_errors=True)  # the unit is committed; its adapter is kept
+    evaluate_conditions(db, unit_id, unit.model, unit.tokenizer, config, swap_conditions(config), data_root)
     return unit_id
 
 
 def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = None, data_root: Path | None = None,
         directory: Path = EXPERIMENTS_DIR, command: str = "bem run", overlay: str | None = None) -> list[tuple[str, int, str]]:
     """Run every unfinished (experiment, seed) unit, seed by seed so that an interrupted run holds every
-    experiment at its first seeds; returns (experiment, seed, 'done'|'skipped')."""
+    experiment at its first seeds; returns (experiment, seed, 'done'|'skipped'|'backfilled'). A finished unit that
+    lacks index-swap conditions (see swap_conditions) gets only those evaluated: 'backfilled'."""
     configs = load_configs(names, quick, seeds, directory, overlay)
     main_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch / torchrun only rank 0 writes
     db = ResultsDB(out / "results.sqlite")
@@ -74,6 +120,12 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
         units = sorted(((c, s) for c in configs for s in c.seeds), key=lambda u: u[0].seeds.index(u[1]))
         for config, seed in units:
             if db.finished(config.name, config.config_hash(), seed):
+                unit_id = db.unit_id(config.name, config.config_hash(), seed)
+                todo = missing_conditions(db, unit_id, config) if main_process else []
+                if todo:
+                    backfill_conditions(db, unit_id, config, seed, out, todo, data_root)
+                    done.append((config.name, seed, "backfilled"))
+                    continue
                 log.info("%s seed %d: finished earlier, skipped", config.name, seed)
                 done.append((config.name, seed, "skipped"))
                 continue

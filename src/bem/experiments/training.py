@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from bem import attach_bem, bem_state_dict
 from bem.data.batches import Example, collate
-from bem.experiments.config import ExperimentConfig
+from bem.experiments.config import ExperimentConfig, TrainingConfig
 from bem.models import load_base
 from bem.tasks import SPECS, load_items, side_layout, side_vectors, training_target
 
@@ -100,6 +100,22 @@ def _load_checkpoint(directory: Path, model, optimizer, scheduler) -> tuple[int,
     return progress["step"], progress["curve"]
 
 
+def build_optimizer(model: torch.nn.Module, tc: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable BEM parameters. With `tc.controller_lr`, two groups: the sites (U/V, A/B) at
+    `tc.lr` first (the logged lr) and the controller at `tc.controller_lr`; otherwise one group at `tc.lr`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    controller = getattr(model, "bem_controller", None)
+    if tc.controller_lr is None:
+        return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    if controller is None:
+        raise ValueError(f"training.controller_lr = {tc.controller_lr} is not allowed for a model without a BEM "
+                         "controller (bem.controller = 'static'); expected None")
+    routing = {id(p) for p in controller.parameters() if p.requires_grad}
+    groups = [{"params": [p for p in params if id(p) not in routing], "lr": tc.lr},
+              {"params": [p for p in params if id(p) in routing], "lr": tc.controller_lr}]
+    return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
 def train_unit(config: ExperimentConfig, seed: int, checkpoint_dir: Path, data_root: Path | None = None,
                stop_after: int | None = None) -> TrainedUnit:
     """Train the experiment's modules for one seed; resume from `checkpoint_dir` if it holds a checkpoint.
@@ -117,8 +133,8 @@ def train_unit(config: ExperimentConfig, seed: int, checkpoint_dir: Path, data_r
     AcceleratorState._reset_state()  # each unit sets its own precision; the process group (PartialState) stays
     accelerator = Accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no",
                               gradient_accumulation_steps=tc.grad_accum)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(model, tc)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.warmup_steps, tc.steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 

@@ -1,0 +1,93 @@
+"""The trained adapter of a finished unit: where it lives, loading it, and restoring it when it is gone.
+
+`bem run` saves each finished unit's modules at `RUN/adapters/<experiment>-<config hash>-s<seed>`. Stored
+run folders (docs/results/*) commit the database but not the adapters, so a command that needs the trained
+modules of such a unit (profiling, index-swap backfills, routing statistics) restores the adapter by training
+the unit again: training is a fixed function of (config, seed) (see training.py), and the restored unit is
+accepted only if its training curve equals the stored one (loss per step within `CURVE_TOLERANCE`), so the
+adapter is the one whose scores are in the database.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+from pathlib import Path
+
+from bem.experiments.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+CURVE_TOLERANCE = 1e-4  # relative, per step: fp32 training on the same code and data repeats to ~1e-7
+
+
+class AdapterMismatch(RuntimeError):
+    """A restored adapter's training curve differs from the stored one: it is not the unit that was scored."""
+
+
+def unit_name(config: ExperimentConfig, seed: int) -> str:
+    return f"{config.name}-{config.config_hash()}-s{seed}"
+
+
+def adapter_dir(out: Path, config: ExperimentConfig, seed: int) -> Path:
+    return Path(out) / "adapters" / unit_name(config, seed)
+
+
+def stored_curve(db_path: Path, config: ExperimentConfig, seed: int) -> list[tuple[int, float]] | None:
+    """(step, loss) of the finished unit, or None when the database holds no such unit."""
+    conn = sqlite3.connect(db_path)
+    try:
+        row = conn.execute("SELECT id FROM units WHERE experiment=? AND config_hash=? AND seed=?",
+                           (config.name, config.config_hash(), seed)).fetchone()
+        if row is None:
+            return None
+        return conn.execute("SELECT step, loss FROM curves WHERE unit_id=? ORDER BY step", (row[0],)).fetchall()
+    finally:
+        conn.close()
+
+
+def restore_adapter(config: ExperimentConfig, seed: int, out: Path, data_root: Path | None = None) -> Path:
+    """Train a finished unit again and save its adapter, after checking the curve against the stored one."""
+    from bem import save_bem
+    from bem.experiments.training import train_unit
+
+    out = Path(out)
+    curve = stored_curve(out / "results.sqlite", config, seed)
+    if curve is None:
+        raise FileNotFoundError(f"{out / 'results.sqlite'}: no finished unit {unit_name(config, seed)} to restore; "
+                                f"run `bem run --out {out}` to train it")
+    scratch = out / "checkpoints" / f"restore-{unit_name(config, seed)}"
+    log.info("%s seed %d: adapter not in %s, training it again to restore it", config.name, seed, out / "adapters")
+    unit = train_unit(config, seed, scratch, data_root)
+    got = [(row["step"], row["loss"]) for row in unit.curve]
+    if [s for s, _ in got] != [s for s, _ in curve]:
+        raise AdapterMismatch(f"{unit_name(config, seed)}: the restored run has steps {len(got)} but the stored "
+                              f"unit has {len(curve)}")
+    worst = max((abs(a - b) / max(abs(b), 1e-12) for (_, a), (_, b) in zip(got, curve)), default=0.0)
+    if worst > CURVE_TOLERANCE:
+        raise AdapterMismatch(f"{unit_name(config, seed)}: restored training loss differs from the stored curve by "
+                              f"{worst:.2e} (relative, allowed {CURVE_TOLERANCE:.0e}); the adapter would not be the "
+                              "one that was scored, so it is not saved")
+    log.info("%s seed %d: restored, curve equal to the stored one within %.1e", config.name, seed, worst)
+    target = adapter_dir(out, config, seed)
+    save_bem(unit.model, target)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def load_trained(config: ExperimentConfig, seed: int, out: Path, data_root: Path | None = None,
+                 restore: bool = True):
+    """(model, tokenizer): the base model with the finished unit's trained adapter loaded (restored first if the
+    folder holds the unit but not its adapter and `restore` is set)."""
+    from bem import load_bem
+    from bem.models import load_base
+
+    directory = adapter_dir(out, config, seed)
+    if not (directory / "bem_weights.safetensors").is_file():
+        if not restore:
+            raise FileNotFoundError(f"{directory}: no saved adapter for {unit_name(config, seed)}")
+        restore_adapter(config, seed, out, data_root)
+    model, tokenizer = load_base(config.model)
+    load_bem(model, directory)
+    model.eval()
+    return model, tokenizer

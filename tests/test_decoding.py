@@ -1,0 +1,183 @@
+"""SPEC §2 items 4 and 5: every decoding mode is right or refused, and routing state belongs to a stream."""
+import pytest
+import torch
+from transformers import DynamicCache
+
+from bem import bem_disabled
+from conftest import routed_tiny
+
+SIDE = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
+
+
+def _greedy(model, ids, new_tokens=24, **kwargs):
+    return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                          output_logits=True, return_dict_in_generate=True, **kwargs)
+
+
+def _left_padded():
+    """Rows of 5 and 9 real tokens, the first left-padded with 4 pads."""
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    ids[0, :4], mask[0, :4] = 0, 0
+    return ids, mask, torch.tensor([5, 9])
+
+
+@pytest.mark.parametrize("scope", ["prompt", "chunk"])
+def test_static_cache_left_padded_batch_equals_each_row_alone(arch, scope):
+    model = routed_tiny(arch, prefix_scope=scope, hysteresis_tau=0.01)
+    ids, mask, lengths = _left_padded()
+    batch = _greedy(model, ids, attention_mask=mask, cache_implementation="static", bem_prompt_len=lengths, bem_side=SIDE)
+    for row, n in enumerate(lengths.tolist()):
+        alone = _greedy(model, ids[row:row + 1, -n:], bem_prompt_len=n, bem_side=SIDE[row:row + 1])
+        assert torch.equal(batch.sequences[row, -24:], alone.sequences[0, -24:])
+        diff = (torch.stack(batch.logits, 1)[row] - torch.stack(alone.logits, 1)[0]).abs().max().item()
+        assert diff <= 1e-4
+
+
+def test_4d_masks_equal_the_2d_mask(arch):
+    """Bool and additive float 4-D masks of a left-padded batch route as its 2-D mask does, with or without
+    bem_prompt_len, so pads never count as tokens."""
+    model = routed_tiny(arch)
+    ids, mask, lengths = _left_padded()
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    bool4d = (causal & mask.bool()[:, None, :])[:, None]  # (B, 1, T, T): keys that are pads are masked
+    float4d = torch.zeros(bool4d.shape).masked_fill(~bool4d, torch.finfo(torch.float32).min)
+    real = mask.bool()
+    for kwargs in ({"bem_prompt_len": lengths, "bem_side": SIDE}, {}):
+        with torch.no_grad():
+            want = model(ids, attention_mask=mask, **kwargs).logits
+            for four_d in (bool4d, float4d):
+                got = model(ids, attention_mask=four_d, **kwargs).logits
+                assert (got - want)[real].abs().max().item() <= 1e-5
+
+
+def test_4d_mask_that_cannot_mark_real_tokens_is_refused(arch):
+    model = routed_tiny(arch)
+    ids = torch.randint(3, 128, (1, 6))
+    short = torch.ones(1, 1, 6, 4, dtype=torch.bool)  # 4 key positions for 6 tokens
+    with pytest.raises(ValueError, match=r"does not tell BEM which of the call's 6 tokens"):
+        model(ids, attention_mask=short)
+
+
+@pytest.mark.parametrize("mode", ["prompt_lookup", "assistant"])
+def test_speculative_decoding_equals_plain_greedy(arch, mode):
+    """Drafts are cropped from the cache; the routing state rolls back with it, so the tokens are plain greedy's
+    and the logits those of a full forward. The assistant is a second BEM model with its own rolled-back stream."""
+    model = routed_tiny(arch, hysteresis_tau=0.01)
+    runtime = model._bem_runtime
+    ids = torch.tensor([[7, 7, 8, 7, 7, 9, 7, 7, 10, 7]])  # repeats, so prompt lookup drafts (and misses)
+    kwargs = {"attention_mask": torch.ones_like(ids), "bem_prompt_len": 10, "bem_side": SIDE[:1]}
+    runtime.switches = 0
+    plain = _greedy(model, ids, 30, **kwargs)
+    plain_switches, runtime.switches = runtime.switches, 0
+    rollbacks, roll_back = [], runtime._roll_back
+    runtime._roll_back = lambda st, length: (rollbacks.append(st.length - length), roll_back(st, length))
+    extra = {"prompt_lookup_num_tokens": 3} if mode == "prompt_lookup" else \
+        {"assistant_model": routed_tiny(arch, seed=3, hysteresis_tau=0.01)}
+    drafted = _greedy(model, ids, 30, **kwargs, **extra)
+    assert sum(rollbacks) >= 2  # drafts really were rejected and cropped
+    assert torch.equal(drafted.sequences, plain.sequences)
+    assert runtime.switches == plain_switches >= 4  # switches of rejected drafts are taken back
+    with torch.no_grad():
+        full = model(drafted.sequences, bem_prompt_len=10, bem_side=SIDE[:1]).logits
+    assert (full[:, 9:-1] - torch.stack(drafted.logits, 1)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("scope", ["prompt", "chunk"])
+def test_crop_then_different_tokens_equals_full_forward(arch, scope):
+    """A call of 7 tokens crossing chunk boundaries, cropped to its first 2, continued with other tokens."""
+    model = routed_tiny(arch, prefix_scope=scope, hysteresis_tau=0.01)
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(5))
+    draft = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = model(ids[:, :6], use_cache=True, bem_prompt_len=6)
+        cache, pieces = out.past_key_values, [out.logits]
+        pieces.append(model(torch.cat([ids[:, 6:8], draft[:, 2:]], 1), past_key_values=cache).logits[:, :2])
+        cache.crop(-5)  # keep the draft call's first 2 tokens
+        for at, end in ((8, 13), (13, 18), (18, 20)):
+            pieces.append(model(ids[:, at:end], past_key_values=cache).logits)
+        full = model(ids, bem_prompt_len=6).logits
+    assert (torch.cat(pieces, 1) - full).abs().max().item() <= 1e-4
+
+
+def test_crop_past_the_kept_calls_or_regrown_cache_is_refused():
+    model = routed_tiny("llama")
+    ids = torch.randint(3, 128, (1, 12))
+    with torch.no_grad():
+        cache = model(ids[:, :6], use_cache=True, bem_prompt_len=6).past_key_values
+        for at in range(6, 10):
+            model(ids[:, at:at + 1], past_key_values=cache)
+        with bem_disabled(model):
+            model(ids[:, 10:11], past_key_values=cache)
+        with pytest.raises(RuntimeError, match="holds 11 positions but BEM's routing state for it has processed 10"):
+            model(ids[:, 11:12], past_key_values=cache)
+        cache.crop(-3)  # to 8 positions
+        model(ids[:, 8:9], past_key_values=cache)  # back inside a kept call: fine
+        model._bem_runtime.streams[cache].history = model._bem_runtime.streams[cache].history[-1:]
+        cache.crop(-2)  # to 7, before the one call kept
+        with pytest.raises(RuntimeError, match="only into its last 64 calls"):
+            model(ids[:, 7:8], past_key_values=cache)
+
+
+def test_refeeding_other_prompt_tokens_after_a_crop_is_refused():
+    model = routed_tiny("llama")
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True, bem_prompt_len=6).past_key_values
+        cache.crop(-1)
+        model(ids[:, 5:], past_key_values=cache)  # the prompt's own last token: allowed (generate does this)
+        cache.crop(-1)
+        with pytest.raises(RuntimeError, match="not the prompt's own"):
+            model((ids[:, 5:] + 1) % 125 + 3, past_key_values=cache)
+
+
+def test_interleaved_streams_each_equal_their_run_alone(arch):
+    """Two streams on one model, stepped A, B, A, B, ...: each gives exactly what it gives alone."""
+    model = routed_tiny(arch, hysteresis_tau=0.01)
+    prompts = [torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 8)]
+
+    def start(i):
+        out = model(prompts[i], use_cache=True, bem_prompt_len=prompts[i].shape[1], bem_side=SIDE[i:i + 1])
+        return out.past_key_values, [out.logits[:, -1]]
+
+    def step(cache, logits):
+        logits.append(model(logits[-1].argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits[:, -1])
+
+    with torch.no_grad():
+        alone = []
+        for i in range(2):
+            cache, logits = start(i)
+            for _ in range(14):
+                step(cache, logits)
+            alone.append(torch.stack(logits))
+        streams = [start(0), start(1)]
+        for _ in range(14):
+            for cache, logits in streams:
+                step(cache, logits)
+    for i, (_, logits) in enumerate(streams):
+        assert (torch.stack(logits) - alone[i]).abs().max().item() <= 1e-6
+    assert (alone[0] - alone[1]).abs().max() > 1e-2  # the streams really differ
+
+
+def test_cached_call_without_routing_state_is_refused(arch):
+    model = routed_tiny(arch)
+    ids = torch.randint(3, 128, (1, 6))
+    with torch.no_grad():
+        with bem_disabled(model):
+            cache = model(ids, use_cache=True).past_key_values
+        with pytest.raises(RuntimeError, match="no BEM routing state for this cache: it holds 6 positions"):
+            model(ids[:, :1], past_key_values=cache)
+        with pytest.raises(TypeError, match="needs a transformers Cache; got tuple"):
+            model(ids[:, :1], past_key_values=((torch.zeros(1),),))
+        model(ids, past_key_values=DynamicCache())  # an empty cache starts a stream
+
+
+@pytest.mark.parametrize("options,name", [({"num_beams": 2}, "beam_search"),
+                                          ({"num_beams": 2, "do_sample": True}, "beam_sample"),
+                                          ({"penalty_alpha": 0.6, "top_k": 4}, "contrastive_search"),
+                                          ({"dola_layers": "low"}, "dola_generation"),
+                                          ({"assistant_early_exit": 1}, "assistant_early_exit")])
+def test_unsupported_modes_are_refused_by_name(options, name):
+    model = routed_tiny("llama")
+    with pytest.raises(NotImplementedError, match=name):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, pad_token_id=0, **options)
