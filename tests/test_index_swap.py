@@ -123,7 +123,7 @@ def test_condition_errors_name_the_condition_task_and_what_is_allowed(setup):
     from bem.evaluate import evaluate_task
 
     with pytest.raises(ValueError, match=r"condition 'swapped' is not allowed; expected one of "
-                                         r"\['clean', 'corrupt', 'shuffled'\]"):
+                                         r"\['clean', 'corrupt', 'features_shuffled', 'shuffled'\]"):
         evaluate_task(None, None, "wordnet_qa", 6, "test", 3, setup["data"], condition="swapped")
     with pytest.raises(ValueError, match=r"task 'json_format' has no condition 'shuffled': index-swap conditions "
                                          r"exist for \['wordnet_qa'\] only"):
@@ -158,13 +158,17 @@ def finished(setup, tmp_path_factory):
 
 def test_fresh_run_stores_both_conditions_of_every_unit(setup, finished):
     out, recorder = finished
-    assert recorder.descs() == ["wordnet_qa", "wordnet_qa shuffled", "wordnet_qa corrupt"] * 2
-    by_desc = {(k // 3, c["desc"]): c for k, c in enumerate(recorder.calls)}
-    routed, static = by_desc[(0, "wordnet_qa shuffled")], by_desc[(1, "wordnet_qa shuffled")]
+    # the routed unit also gets the features-only swap; static LoRA reads no features, so it does not
+    assert recorder.descs() == ["wordnet_qa", "wordnet_qa shuffled", "wordnet_qa corrupt", "wordnet_qa features_shuffled",
+                                "wordnet_qa", "wordnet_qa shuffled", "wordnet_qa corrupt"]
+    routed, static = recorder.calls[1], recorder.calls[5]
+    clean, features_only = recorder.calls[0], recorder.calls[3]
     for k, it in enumerate(setup["test"]):
         assert routed["prompts"][k] == static["prompts"][k]
         assert "\n".join(f"{i + 1}. {p}" for i, p in enumerate(it["evidence_shuffled"])) in routed["prompts"][k]
         assert np.allclose(routed["side"][k], it["features_shuffled"])  # the routed system reads the features
+        assert features_only["prompts"][k] == clean["prompts"][k]  # clean text ...
+        assert np.allclose(features_only["side"][k], it["features_shuffled"])  # ... another query's features
     assert static["side"] is None  # static LoRA reads the evidence text only
     conn = sqlite3.connect(out / "results.sqlite")
     clean = conn.execute("SELECT unit_id, item_id, metric, prediction FROM item_scores ORDER BY 1, 2, 3").fetchall()
@@ -176,7 +180,9 @@ def test_fresh_run_stores_both_conditions_of_every_unit(setup, finished):
     stored = dict(((u, c, i), p) for u, c, i, p in conn.execute(
         "SELECT unit_id, condition, item_id, prediction FROM condition_scores WHERE metric='f1'"))
     ids = [it["id"] for it in setup["test"]]
-    for unit, condition, offset in ((1, "shuffled", 1), (1, "corrupt", 2), (2, "shuffled", 4), (2, "corrupt", 5)):
+    assert conn.execute("SELECT DISTINCT unit_id FROM condition_scores WHERE condition='features_shuffled'").fetchall() == [(1,)]
+    for unit, condition, offset in ((1, "shuffled", 1), (1, "corrupt", 2), (1, "features_shuffled", 3),
+                                    (2, "shuffled", 5), (2, "corrupt", 6)):
         assert recorder.calls[offset]["desc"] == f"wordnet_qa {condition}"
         assert [stored[(unit, condition, i)] for i in ids] == recorder.calls[offset]["replies"]
 
@@ -213,9 +219,9 @@ def test_crash_during_conditions_keeps_the_unit_and_a_rerun_fills_only_the_gap(s
     monkeypatch.setattr(training, "train_unit", no_training)
     crash, calls[:] = False, []
     assert runner.run(["tiny_bem"], out, directory=setup["experiments"]) == [("tiny_bem", 0, "backfilled")]
-    assert calls == [("wordnet_qa", "corrupt")]
+    assert calls == [("wordnet_qa", "corrupt"), ("wordnet_qa", "features_shuffled")]
     rows = _condition_rows(out / "results.sqlite")
-    assert {r[1] for r in rows} == {"shuffled", "corrupt"} and [r for r in rows if r[1] == "shuffled"] == shuffled_before
+    assert {r[1] for r in rows} == {"shuffled", "corrupt", "features_shuffled"} and [r for r in rows if r[1] == "shuffled"] == shuffled_before
 
     # delete one condition: only it comes back, from the saved adapter, with the same predictions
     conn = sqlite3.connect(out / "results.sqlite")
@@ -267,7 +273,9 @@ def _synthetic_db(path, n=120):
             rows = [{"task": "wordnet_qa", "id": i, "prediction": "p", "reference": "",
                      "scores": {"em": values["clean"][k], "f1": values["clean"][k] * 0.5 + 0.25}} for k, i in enumerate(ids)]
             unit = db.write_unit(0, name, f"h{name}", config, seed, rows, [], [], 1.0, 1.0)
-            for condition in ("shuffled", "corrupt") if (name, seed) != ("R1", 2) else ("shuffled",):
+            values["features_shuffled"] = (rng.uniform(size=n) < 0.55).astype(float)  # R1's features matter
+            conditions = ("shuffled", "corrupt") if (name, seed) != ("R1", 2) else ("shuffled",)
+            for condition in conditions + (("features_shuffled",) if controller != "static" else ()):
                 db.write_condition(unit, condition, [{"task": "wordnet_qa", "id": i, "prediction": "p", "scores": {
                     "em": values[condition][k], "f1": values[condition][k] * 0.5 + 0.25}} for k, i in enumerate(ids)])
     db.close()
@@ -310,6 +318,14 @@ def test_analysis_equals_a_direct_paired_bca(tmp_path):
         assert (v["estimate"], v["low"], v["high"]) == pytest.approx((r.estimate, r.low, r.high))
         assert v["drop"] == pytest.approx(r_drop.mean()) and v["drop_versus"] == pytest.approx(l_drop.mean())
         assert v["verdict"] == "larger drop" and v["n"] == 120
+    # features-only swap: R1 only (L0 reads no features), over R1's three seeds (all have it)
+    (feature,) = result["feature_swap"]
+    m = {c: np.mean([truth[("R1", s)][c] * 0.5 + 0.25 for s in (0, 1, 2)], axis=0) for c in ("clean", "features_shuffled")}
+    r = paired_bca(m["features_shuffled"], m["clean"], n_resamples=2000)
+    assert feature["experiment"] == "R1" and feature["seeds"] == [0, 1, 2] and feature["n"] == 120
+    assert (feature["estimate"], feature["low"], feature["high"]) == pytest.approx((r.estimate, r.low, r.high))
+    assert feature["verdict"] == ("uses the features" if r.low > 0 else "no evidence it uses them")
+    assert feature["identical_predictions"] == 1.0  # the synthetic predictions are all "p"
     # fewer items than min_items: no verdict either way
     assert index_swap.analyze(tmp_path / "results.sqlite", n_resamples=200, min_items=500)["systems"][0]["verdict"] \
         == "too few items"
@@ -359,3 +375,36 @@ def test_report_has_the_index_swap_section(setup, finished, tmp_path, monkeypatc
     conn.close()
     text = write_report(out, n_resamples=500).read_text()
     assert "No index-swap conditions are stored for wordnet_qa: run the same `bem run ...` again" in text
+
+
+def test_routing_statistics_are_stored_for_routed_units_and_backfilled(setup, finished, tmp_path, monkeypatch):
+    """`bem run` stores how far routing moves (routing_stats) for routed units only; a folder without them (stored
+    before they existed) gets them from the saved adapter and the stored replies, without evaluating anything."""
+    import bem.evaluate
+    from bem.experiments import runner
+    from bem.experiments.results import ResultsDB
+
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    db = ResultsDB(out / "results.sqlite")
+    before = db.routing(1)  # unit 1: tiny_bem (routed), unit 2: L0_lora (static)
+    assert set(before) == {"wordnet_qa"} and db.routing(2) == {}
+    assert before["wordnet_qa"]["all"]["items"] == 6 and "moved" in before["wordnet_qa"]["all"]
+    with db.conn:
+        db.conn.execute("DELETE FROM routing")
+    db.close()
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("a finished unit was evaluated again")
+
+    monkeypatch.setenv("BEM_DATA", str(setup["data"]))
+    monkeypatch.setattr(runner, "evaluate_task", no_evaluation)
+    monkeypatch.setattr(bem.evaluate, "generate", no_evaluation)
+    assert runner.run(["tiny_bem", "L0_lora"], out, directory=setup["experiments"]) == [
+        ("tiny_bem", 0, "backfilled"), ("L0_lora", 0, "skipped")]
+    db = ResultsDB(out / "results.sqlite")
+    after = db.routing(1)
+    db.close()
+    assert after.keys() == before.keys() and after["wordnet_qa"].keys() == before["wordnet_qa"].keys()
+    for site, stats in before["wordnet_qa"].items():
+        assert after["wordnet_qa"][site] == pytest.approx(stats, abs=1e-6)

@@ -260,9 +260,14 @@ def test_gates_are_checked_on_every_profiled_device():
     ok = {"decode_p50_ms": 1.02, "peak_memory_mb": 1.00, "kv_hit_rate": 1.0}
     slow = {"decode_p50_ms": 1.30, "peak_memory_mb": 1.00, "kv_hit_rate": 1.0}
     raw = {"decode_p50_ms": 10.0, "peak_memory_mb": 500.0, "kv_hit_rate": 0.75}
-    units = {"v": {"ratios": {"a": {"cpu": ok, "cuda": slow}}, "profile": {"cpu": raw, "cuda": raw}},
-             "a": {"ratios": {}, "profile": {"cpu": raw, "cuda": raw}}}
+    trained = {"cpu": "trained", "cuda": "trained"}
+    units = {"v": {"ratios": {"a": {"cpu": ok, "cuda": slow}}, "profile": {"cpu": raw, "cuda": raw}, "profiled": trained},
+             "a": {"ratios": {}, "profile": {"cpu": raw, "cuda": raw}, "profiled": dict(trained)}}
     assert _gate_reasons(units, "v", "a", gates) == ["latency gate fails on cuda: decode p50 ×1.300 (allowed ≤ ×1.15)"]
+    units["a"]["profiled"]["cuda"] = "untrained"  # fresh modules measure the base model: never a pass
+    assert _gate_reasons(units, "v", "a", gates)[0].startswith(
+        "gates not measured on trained modules on cuda: a was profiled untrained")
+    units["a"]["profiled"]["cuda"] = "trained"
     units["v"]["ratios"]["a"] = {"cpu": ok}  # one device: no device named in the reason
     units["v"]["profile"] = {"cpu": raw}
     assert _gate_reasons(units, "v", "a", gates) == []

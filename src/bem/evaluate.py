@@ -51,14 +51,17 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 
 # SPEC §6 index swap: the evidence (prompt) and evidence features (side input) an item is evaluated with
 CONDITIONS = {"clean": ("evidence", "features"), "shuffled": ("evidence_shuffled", "features_shuffled"),
-              "corrupt": ("evidence_corrupt", "features_corrupt")}
+              "corrupt": ("evidence_corrupt", "features_corrupt"),
+              "features_shuffled": ("evidence", "features_shuffled")}
 INDEX_SWAP = {"wordnet_qa": ("shuffled", "corrupt")}  # tasks with swapped-index conditions, and those conditions
+# clean evidence text, another query's evidence features: isolates what a controller takes from the features
+FEATURE_SWAP = {"wordnet_qa": ("features_shuffled",)}
 
 
 def check_condition(task: str, condition: str) -> None:
     if condition not in CONDITIONS:
         raise ValueError(f"condition {condition!r} is not allowed; expected one of {sorted(CONDITIONS)}")
-    if condition != "clean" and condition not in INDEX_SWAP.get(task, ()):
+    if condition != "clean" and condition not in INDEX_SWAP.get(task, ()) + FEATURE_SWAP.get(task, ()):
         raise ValueError(f"task {task!r} has no condition {condition!r}: index-swap conditions exist for "
                          f"{sorted(INDEX_SWAP)} only; other tasks are evaluated with condition 'clean'")
 

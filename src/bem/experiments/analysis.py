@@ -61,8 +61,12 @@ def _units(conn) -> dict[str, dict]:
         for versus, device, metric, ratio in conn.execute("SELECT versus, device, metric, ratio FROM profile_ratios "
                                                           "WHERE experiment=? AND config_hash=?", (experiment, config_hash)):
             ratios.setdefault(versus, {}).setdefault(device, {})[metric] = ratio
+        profiled = {}  # device -> status of the profiled modules (trained | untrained); none: profiled before it was stored
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name='profile_units'").fetchone():
+            profiled = dict(conn.execute("SELECT device, status FROM profile_units WHERE experiment=? AND config_hash=?",
+                                         (experiment, config_hash)).fetchall())
         out[experiment] = {"hash": config_hash, "config": json.loads(config_json), "seeds": seeds, "profile": profile,
-                           "ratios": ratios}
+                           "ratios": ratios, "profiled": profiled}
     return out
 
 
@@ -302,6 +306,11 @@ def _gate_reasons(units: dict, name: str, versus: str, gates: dict) -> list[str]
     for device in devices:
         ours, theirs, ratio = ours_p.get(device, {}), theirs_p.get(device, {}), stored.get(device)
         on = f" on {device}" if len(devices) > 1 else ""
+        for who in (name, versus):  # gates measured on fresh modules (ΔW = 0) measure the base model
+            status = units[who].get("profiled", {}).get(device, "unknown")
+            if status != "trained":
+                reasons.append(f"gates not measured on trained modules{on}: {who} was profiled {status} (rerun "
+                               "`bem profile --out` on this folder: it loads each finished unit's adapter)")
         latency = ratio["decode_p50_ms"] if ratio else ours["decode_p50_ms"] / theirs["decode_p50_ms"]
         if latency > gates["latency_ratio"]:
             reasons.append(f"latency gate fails{on}: decode p50 ×{latency:.3f} (allowed ≤ ×{gates['latency_ratio']})")

@@ -19,7 +19,10 @@ Routed systems (a controller other than static) against static LoRA (L0_lora, wh
 only): per item (clean_r − shuffled_r) − (clean_L0 − shuffled_L0), with a paired BCa CI; a lower bound > 0 means
 the routed system depends on the evidence more than static LoRA does. Both conditions swap the text and the features
 together, so this does not separate what the controller takes from the features from what the (differently trained)
-model takes from the prompt text; a features-only swap would.
+model takes from the prompt text. The features-only swap does: systems whose controller reads the evidence features
+are also evaluated under `features_shuffled` (the clean passages in the prompt, another query's features to the
+controller), and clean − features_shuffled (paired BCa CI) is what the controller takes from the features; a CI
+containing 0 says the routing ignores them.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from bem.stats import BootstrapResult, paired_bca
 
 TASK = "wordnet_qa"
 CONDITIONS = ("clean", "shuffled", "corrupt")
+FEATURES = "features_shuffled"  # clean text, swapped features: the controller's share
 METRICS = ("f1", "em")  # the primary metric first: the system's verdict is about it
 BASELINE = "L0_lora"
 MIN_ITEMS = 100  # as analysis.MIN_ITEMS: fewer paired items than this, no verdict
@@ -56,7 +60,7 @@ def _systems(conn) -> dict[str, dict]:
 
 def _scores(conn, experiment: str, config_hash: str, metric: str) -> dict[str, dict[int, dict[str, float]]]:
     """{condition: {seed: {item: value}}} of one system."""
-    out: dict[str, dict[int, dict[str, float]]] = {c: {} for c in CONDITIONS}
+    out: dict[str, dict[int, dict[str, float]]] = {c: {} for c in CONDITIONS + (FEATURES,)}
     clean = conn.execute("SELECT u.seed, s.item_id, s.value FROM item_scores s JOIN units u ON u.id = s.unit_id "
                          "WHERE u.experiment=? AND u.config_hash=? AND s.task=? AND s.metric=?",
                          (experiment, config_hash, TASK, metric))
@@ -75,6 +79,7 @@ def item_means(conn, experiment: str, config_hash: str, metric: str) -> tuple[li
     """(seeds with all three conditions, items scored by every one of them, {condition: per-item mean over those
     seeds}), items in sorted order."""
     scores = _scores(conn, experiment, config_hash, metric)
+    scores.pop(FEATURES)
     seeds = sorted(set.intersection(*(set(by_seed) for by_seed in scores.values())))
     if not seeds:
         return [], [], {}
@@ -105,7 +110,7 @@ def analyze(db_path: Path, n_resamples: int = 10_000, min_items: int = MIN_ITEMS
     try:
         systems = _systems(conn) if conn.execute("SELECT 1 FROM sqlite_master WHERE name='units'").fetchone() else {}
         result = {"task": TASK, "metrics": list(METRICS), "rule": RULE, "n_resamples": n_resamples,
-                  "min_items": min_items, "systems": [], "versus_baseline": [], "without_conditions": []}
+                  "min_items": min_items, "systems": [], "versus_baseline": [], "without_conditions": [], "feature_swap": []}
         if not conn.execute("SELECT 1 FROM sqlite_master WHERE name='condition_scores'").fetchone():
             result["without_conditions"] = list(systems)  # a database written before the index swap existed
             return result
@@ -130,6 +135,8 @@ def analyze(db_path: Path, n_resamples: int = 10_000, min_items: int = MIN_ITEMS
             primary = row["metrics"][METRICS[0]]
             row.update(n=primary["n"], seeds=primary["seeds"], verdict=primary["verdict"])
             result["systems"].append(row)
+        result["feature_swap"] = [row for name, system in systems.items() if system["reads_features"]
+                                  for row in [_feature_swap(conn, name, system["hash"], n_resamples, min_items)] if row]
         for name, system in systems.items():
             if not system["routed"] or name == BASELINE:
                 continue
@@ -141,6 +148,34 @@ def analyze(db_path: Path, n_resamples: int = 10_000, min_items: int = MIN_ITEMS
         return result
     finally:
         conn.close()
+
+
+def _feature_swap(conn, name: str, config_hash: str, n_resamples: int, min_items: int) -> dict | None:
+    """clean − features_shuffled of the primary metric, over the seeds and items that have both."""
+    scores = _scores(conn, name, config_hash, METRICS[0])
+    clean, swapped = scores["clean"], scores[FEATURES]
+    seeds = sorted(set(clean) & set(swapped))
+    items = sorted(set.intersection(*(set(clean[s]) & set(swapped[s]) for s in seeds))) if seeds else []
+    if not items:
+        return None
+    a = np.array([np.mean([swapped[s][i] for s in seeds]) for i in items])
+    b = np.array([np.mean([clean[s][i] for s in seeds]) for i in items])
+    r = paired_bca(a, b, n_resamples=n_resamples)
+    outcome = ("too few items" if len(items) < max(2, min_items) else
+               "uses the features" if r.low > 0 else "features hurt" if r.high < 0 else "no evidence it uses them")
+    return {"experiment": name, "metric": METRICS[0], "n": len(items), "seeds": seeds, "clean": float(b.mean()),
+            "features_shuffled": float(a.mean()), **_interval(r), "verdict": outcome,
+            "identical_predictions": _same_predictions(conn, name, config_hash, seeds)}
+
+
+def _same_predictions(conn, name: str, config_hash: str, seeds: list[int]) -> float:
+    """Share of items whose reply is the same with clean and with swapped features (1.0: the features changed nothing)."""
+    rows = conn.execute(
+        "SELECT s.prediction = c.prediction FROM item_scores s JOIN units u ON u.id = s.unit_id JOIN condition_scores c "
+        "ON c.unit_id = s.unit_id AND c.task = s.task AND c.item_id = s.item_id AND c.metric = s.metric "
+        f"WHERE u.experiment=? AND u.config_hash=? AND s.task=? AND s.metric=? AND c.condition=? "
+        f"AND u.seed IN ({','.join('?' * len(seeds))})", (name, config_hash, TASK, METRICS[0], FEATURES, *seeds)).fetchall()
+    return float(np.mean([r[0] for r in rows])) if rows else float("nan")
 
 
 def _versus(ours: tuple, theirs: tuple, name: str, metric: str, n_resamples: int, min_items: int) -> dict:
@@ -188,6 +223,15 @@ def report_lines(result: dict) -> list[str]:
     if result["without_conditions"]:
         lines += ["", "Without stored conditions (run the same `bem run ...` again with `--out` this folder): "
                   + ", ".join(result["without_conditions"]) + "."]
+    if result.get("feature_swap"):
+        lines += ["", "Features-only swap: the clean passages in the prompt, another query's evidence features to the "
+                  "controller. clean − features_shuffled is what the routing takes from the features (paired BCa 95% CI).",
+                  "", "| experiment | metric | n | seeds | clean | features shuffled | difference | 95% CI | same reply | outcome |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for f in result["feature_swap"]:
+            lines.append(f"| {f['experiment']} | {f['metric']} | {f['n']} | {','.join(map(str, f['seeds']))} | "
+                         f"{f['clean']:.4f} | {f['features_shuffled']:.4f} | {f['estimate']:+.4f} | "
+                         f"[{f['low']:+.4f}, {f['high']:+.4f}] | {f['identical_predictions']:.1%} | {f['verdict']} |")
     lines += ["", f"Routed systems against {BASELINE} (reads the evidence text only): the routed system's clean − "
               f"shuffled drop minus {BASELINE}'s, paired by item; a CI above 0 (larger drop): the routed system "
               f"depends on the evidence more than {BASELINE} does (text and features are swapped together, so this "

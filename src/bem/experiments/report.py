@@ -138,12 +138,33 @@ def _profile_lines(conn) -> list[str]:
     table: dict[tuple, dict] = {}
     for experiment, versus, metric, ratio, device in rows:
         table.setdefault((experiment, versus, device), {})[metric] = ratio
-    metrics = ("prefill_p50_ms", "decode_p50_ms", "decode_p95_ms", "peak_memory_mb", "kv_hit_rate")
+    metrics = ("prefill_p50_ms", "decode_p50_ms", "decode_p95_ms", "peak_memory_mb")
     lines = ["", "## Gates (ratios measured in one `bem profile` process)", "",
              "| experiment | vs | device | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
     for (experiment, versus, device), values in table.items():
         cells = " | ".join(f"{values[m]:.3f}" if m in values else "—" for m in metrics)
         lines.append(f"| {experiment} | {versus} | {device} | {cells} |")
+    return lines + _profiled_lines(conn)
+
+
+def _profiled_lines(conn) -> list[str]:
+    """What each profile measured (the trained unit, or fresh modules) and the KV hit rates of SPEC §2."""
+    has_units = conn.execute("SELECT 1 FROM sqlite_master WHERE name='profile_units'").fetchone()
+    rows = conn.execute(
+        "SELECT p.experiment, p.device, p.value, " + ("u.status, u.seed, u.kv_denominator " if has_units else
+                                                        "NULL, NULL, NULL ")
+        + "FROM profiles p " + ("LEFT JOIN profile_units u ON u.experiment = p.experiment AND u.config_hash = "
+                                "p.config_hash AND u.device = p.device " if has_units else "")
+        + "WHERE p.metric = 'kv_hit_rate' ORDER BY p.device, p.experiment = 'base' DESC, p.experiment").fetchall()
+    lines = ["", "Profiled modules and KV hit rate (SPEC §2: hits over the shared prefix of a stream of real prompts "
+             "with a common system prompt and few-shot block, aligned down to chunks for chunked prompts; the base "
+             "model's 1.000 is measured). `untrained` = fresh modules (ΔW = 0): such a profile measures the base model "
+             "and cannot pass the gates.", "",
+             "| experiment | device | modules profiled | KV hit rate | tokens offered (Σ D) |", "|---|---|---|---|---|"]
+    for experiment, device, rate, status, seed, denominator in rows:
+        modules = "not recorded (profiled before units were stored)" if status is None else \
+            status + (f", seed {seed}" if seed is not None else "")
+        lines.append(f"| {experiment} | {device} | {modules} | {rate:.3f} | {denominator if denominator else '—'} |")
     return lines
 
 

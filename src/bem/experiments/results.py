@@ -168,6 +168,12 @@ class ResultsDB:
                                   [(unit_id, task, site, stat, float(value))
                                    for site, values in stats.items() for stat, value in values.items()])
 
+    def predictions(self, unit_id: int, task: str, metric: str) -> list[dict]:
+        """[{"id", "prediction"}] of a unit's clean evaluation on a task (one row per item, in stored order)."""
+        return [{"id": i, "prediction": p} for i, p in self.conn.execute(
+            "SELECT item_id, prediction FROM item_scores WHERE unit_id=? AND task=? AND metric=? ORDER BY rowid",
+            (unit_id, task, metric))]
+
     def routing(self, unit_id: int) -> dict[str, dict[str, dict[str, float]]]:
         """{task: {site: {stat: value}}} of a unit, as written by write_routing."""
         out: dict[str, dict[str, dict[str, float]]] = {}

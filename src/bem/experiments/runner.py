@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 from bem import save_bem
-from bem.evaluate import INDEX_SWAP, evaluate_task
+from bem.evaluate import FEATURE_SWAP, INDEX_SWAP, evaluate_task
 from bem.experiments.config import EXPERIMENTS_DIR, ExperimentConfig, load_experiment
 from bem.experiments.results import ResultsDB
 from bem.experiments.training import train_unit
-from bem.tasks import side_layout
+from bem.tasks import SPECS, side_layout
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,14 @@ def _layout(config: ExperimentConfig) -> dict | None:
 
 def swap_conditions(config: ExperimentConfig) -> list[tuple[str, str]]:
     """(task, condition) pairs of the index swap (SPEC §6) a unit is evaluated under besides clean: every task
-    with swapped variants (wordnet_qa). Every system reads the evidence in its prompt (and routed systems with side
+    with swapped variants (wordnet_qa), and for systems whose controller reads the evidence features also
+    `features_shuffled` (clean text, another query's features). Every system reads the evidence in its prompt (and routed systems with side
     inputs read its features too), so every such unit gets them. The variants exist for the test split only."""
     if config.evaluation.split != "test":
         return []
-    return [(task, condition) for task in config.tasks for condition in INDEX_SWAP.get(task, ())]
+    reads_features = config.side_inputs and config.bem.controller != "static"
+    return [(task, condition) for task in config.tasks
+            for condition in INDEX_SWAP.get(task, ()) + (FEATURE_SWAP.get(task, ()) if reads_features else ())]
 
 
 def missing_conditions(db: ResultsDB, unit_id: int, config: ExperimentConfig) -> list[tuple[str, str]]:
@@ -66,15 +69,38 @@ def evaluate_conditions(db: ResultsDB, unit_id: int, model, tokenizer, config: E
                  time.perf_counter() - start, summary["means"])
 
 
-def backfill_conditions(db: ResultsDB, unit_id: int, config: ExperimentConfig, seed: int, out: Path,
-                        todo: list[tuple[str, str]], data_root: Path | None = None) -> None:
-    """A finished unit that lacks conditions (a killed run, or a run stored before the index swap): load its
-    trained modules (retrained deterministically where the adapter folder is missing) and evaluate only those."""
+def missing_routing(db: ResultsDB, unit_id: int, config: ExperimentConfig) -> list[str]:
+    """Tasks of a routed unit without stored routing statistics (item 8 of issue 12: is routing alive?)."""
+    if config.bem.controller == "static":
+        return []
+    return [task for task in config.tasks if task not in db.routing(unit_id)]
+
+
+def store_routing(db: ResultsDB, unit_id: int, model, tokenizer, config: ExperimentConfig, tasks: list[str],
+                  rows: dict[str, list[dict]], data_root: Path | None = None) -> None:
+    """How far the unit's routing moves on each task (routing_stats.measure_task_routing: one teacher-forced pass over
+    each item's prompt and its reply, which by the causality rule gives the codes generation used)."""
+    from bem.routing_stats import measure_task_routing
+
+    for task in tasks:
+        stats = measure_task_routing(model, tokenizer, task, rows[task], _layout(config), data_root,
+                                     config.evaluation.split, config.evaluation.batch_size)
+        db.write_routing(unit_id, task, stats)
+
+
+def backfill_unit(db: ResultsDB, unit_id: int, config: ExperimentConfig, seed: int, out: Path,
+                  todo: list[tuple[str, str]], routing: list[str], data_root: Path | None = None) -> None:
+    """A finished unit that lacks index-swap conditions or routing statistics (a killed run, or a run stored before
+    they existed): load its trained modules (retrained deterministically where the adapter folder is missing) and
+    compute only what is missing."""
     from bem.experiments.adapters import load_trained  # lazy: it may train, which pulls in Accelerate
 
-    log.info("%s seed %d: finished earlier; evaluating the missing index-swap condition(s) %s", config.name, seed,
-             ", ".join(f"{t} {c}" for t, c in todo))
+    log.info("%s seed %d: finished earlier; adding %s", config.name, seed,
+             ", ".join([f"{t} {c}" for t, c in todo] + [f"{t} routing statistics" for t in routing]))
     model, tokenizer = load_trained(config, seed, out, data_root=data_root)
+    if routing:
+        rows = {task: db.predictions(unit_id, task, SPECS[task].primary) for task in routing}
+        store_routing(db, unit_id, model, tokenizer, config, routing, rows, data_root)
     evaluate_conditions(db, unit_id, model, tokenizer, config, todo, data_root)
 
 
@@ -90,18 +116,20 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
     if not unit.is_main:  # under DDP only the main process evaluates and writes
         return -1
     layout = _layout(config)
-    rows, summaries = [], []
+    rows, summaries, by_task = [], [], {}
     start = time.perf_counter()
     for task in config.tasks:
         r, s = evaluate_task(unit.model, unit.tokenizer, task, config.evaluation.items, config.evaluation.split,
                              config.evaluation.batch_size, data_root, layout)
         rows += r
+        by_task[task] = r
         summaries.append(s)
     eval_seconds = time.perf_counter() - start
     save_bem(unit.model, out / "adapters" / name)
     unit_id = db.write_unit(run_id, config.name, config.config_hash(), config.to_dict(), seed, rows, summaries,
                             unit.curve, train_seconds, eval_seconds)
     shutil.rmtree(checkpoint, ignore_errors=True)  # the unit is committed; its adapter is kept
+    store_routing(db, unit_id, unit.model, unit.tokenizer, config, missing_routing(db, unit_id, config), by_task, data_root)
     evaluate_conditions(db, unit_id, unit.model, unit.tokenizer, config, swap_conditions(config), data_root)
     return unit_id
 
@@ -110,7 +138,7 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
         directory: Path = EXPERIMENTS_DIR, command: str = "bem run", overlay: str | None = None) -> list[tuple[str, int, str]]:
     """Run every unfinished (experiment, seed) unit, seed by seed so that an interrupted run holds every
     experiment at its first seeds; returns (experiment, seed, 'done'|'skipped'|'backfilled'). A finished unit that
-    lacks index-swap conditions (see swap_conditions) gets only those evaluated: 'backfilled'."""
+    lacks index-swap conditions (see swap_conditions) or routing statistics gets only those: 'backfilled'."""
     configs = load_configs(names, quick, seeds, directory, overlay)
     main_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch / torchrun only rank 0 writes
     db = ResultsDB(out / "results.sqlite")
@@ -122,8 +150,9 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
             if db.finished(config.name, config.config_hash(), seed):
                 unit_id = db.unit_id(config.name, config.config_hash(), seed)
                 todo = missing_conditions(db, unit_id, config) if main_process else []
-                if todo:
-                    backfill_conditions(db, unit_id, config, seed, out, todo, data_root)
+                routing = missing_routing(db, unit_id, config) if main_process else []
+                if todo or routing:
+                    backfill_unit(db, unit_id, config, seed, out, todo, routing, data_root)
                     done.append((config.name, seed, "backfilled"))
                     continue
                 log.info("%s seed %d: finished earlier, skipped", config.name, seed)
