@@ -198,8 +198,9 @@ def _routing_lines(conn, units: dict) -> list[str]:
         return lines + [f"No routing statistics stored for {', '.join(routed) or 'any experiment'}. `bem run` measures "
                         "them for each routed unit after its evaluation (`bem.routing_stats.measure_routing`: "
                         "teacher-forced forwards over the unit's own test replies) and stores them in the `routing` "
-                        "table; units stored before that have none (measuring needs their trained modules: run the "
-                        "experiments again with `bem run`)."]
+                        "table; a finished unit stored before that gets them when the same `bem run ...` runs again "
+                        "with `--out` this folder (from its adapter, restored by retraining if missing, and its "
+                        "stored replies)."]
     lines += [f"Per routed experiment, the mean over its units and tasks of: the largest mean |c − 1| of any site, "
               f"the std of c over items × chunks (mean over sites), the share of chunk boundaries where the chunk "
               f"code was replaced (pooled), and the ranges of the PT1 gates and FiLM γ, β over all items and chunks. "

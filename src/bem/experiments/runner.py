@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bem import save_bem
 from bem.evaluate import FEATURE_SWAP, INDEX_SWAP, evaluate_task
+from bem.experiments.adapters import unit_name  # noqa: F401  (runner.unit_name is public)
 from bem.experiments.config import EXPERIMENTS_DIR, ExperimentConfig, load_experiment
 from bem.experiments.results import ResultsDB
 from bem.experiments.training import train_unit
@@ -29,10 +30,6 @@ def load_configs(names: list[str], quick: bool, seeds: int | None, directory: Pa
         for c in configs:
             c.seeds = list(range(seeds))
     return configs
-
-
-def unit_name(config: ExperimentConfig, seed: int) -> str:
-    return f"{config.name}-{config.config_hash()}-s{seed}"
 
 
 def _layout(config: ExperimentConfig) -> dict | None:
