@@ -32,6 +32,7 @@ def test_shipped_experiments_load():
     ("bem:\n  side_dim: 3\n", r"bem\.side_dim = 3 is not allowed; the side inputs of tasks"),
     ("base: nowhere\n", r"experiment file .*nowhere\.yaml does not exist"),
     ("seeds: []\n", r"seeds = \[\] is not allowed"),
+    ("evaluation:\n  swap_seeds: 0\n", r"x\.yaml: evaluation\.swap_seeds = 0 is not allowed; expected an integer >= 1 or null"),
     ("- a list\n", r"x\.yaml: must hold a mapping"),
 ])
 def test_config_errors_name_file_field_value_and_allowed(tmp_path, body, message):

@@ -408,3 +408,17 @@ def test_routing_statistics_are_stored_for_routed_units_and_backfilled(setup, fi
     assert after.keys() == before.keys() and after["wordnet_qa"].keys() == before["wordnet_qa"].keys()
     for site, stats in before["wordnet_qa"].items():
         assert after["wordnet_qa"][site] == pytest.approx(stats, abs=1e-6)
+
+
+def test_swap_seeds_limits_the_conditions_to_the_first_seeds_without_changing_the_hash(setup):
+    from bem.experiments.config import load_experiment
+    from bem.experiments.runner import swap_conditions
+
+    config = load_experiment("tiny_bem", setup["experiments"])
+    config.seeds = [0, 1, 2]
+    everything = [("wordnet_qa", "shuffled"), ("wordnet_qa", "corrupt"), ("wordnet_qa", "features_shuffled")]
+    assert swap_conditions(config, 2) == everything
+    before = config.config_hash()
+    config.evaluation.swap_seeds = 1
+    assert swap_conditions(config, 0) == everything and swap_conditions(config, 1) == swap_conditions(config, 2) == []
+    assert config.config_hash() == before  # it changes no clean score: stored units keep their hashes

@@ -92,6 +92,11 @@ def test_profile_loads_trained_units_and_labels_untrained_ones(tiny_setup, tmp_p
     assert trained["base"] == 1.0 and trained["tiny_lora"] == 1.0  # untrained: ΔW = 0
     assert trained["tiny_bem"] < 0.5  # prompt-scope codes depend on the whole prompt
     assert trained["tiny_chunk"] >= 0.95  # chunk scope: shared leading chunks get identical codes
+    from bem.experiments.report import write_report
+
+    report = write_report(out, n_resamples=200).read_text()  # the report says what each profile measured
+    assert "| tiny_bem | cpu | trained, seed 0 | " in report and "| tiny_lora | cpu | untrained | 1.000 |" in report
+    assert "tiny_lora was profiled untrained" in report  # and such a profile cannot pass the gates
 
     fresh = tmp_path / "fresh"  # no units finished here
     fresh.mkdir()

@@ -64,6 +64,9 @@ class EvalConfig:
     """Test items per task."""
     batch_size: int = 16
     split: Literal["test", "dev"] = "test"
+    swap_seeds: int | None = None
+    """Evaluate the index-swap conditions (SPEC §6) for the first N seeds of the experiment only (null: every seed).
+    Not part of the config hash: it changes no clean score, only how many units also get the swapped conditions."""
 
 
 @dataclass
@@ -114,11 +117,15 @@ class ExperimentConfig:
         for section, key in HASH_OPTIONAL:
             if d[section].get(key) is None:
                 d[section].pop(key, None)
+        for section, key in HASH_EXCLUDED:
+            d[section].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # (section, field) of config fields that default to None and leave the hash unchanged while None
 HASH_OPTIONAL = (("training", "controller_lr"),)
+# (section, field) of config fields that change no stored result (how much extra is evaluated), never hashed
+HASH_EXCLUDED = (("evaluation", "swap_seeds"),)
 
 
 # --- loading ----------------------------------------------------------------------------------------
@@ -276,6 +283,9 @@ def _check(config: ExperimentConfig, source: str) -> None:
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{source}: {name} = {value!r} is not allowed; expected an integer >= 1")
+    if config.evaluation.swap_seeds is not None and config.evaluation.swap_seeds < 1:
+        raise ConfigError(f"{source}: evaluation.swap_seeds = {config.evaluation.swap_seeds!r} is not allowed; expected "
+                          "an integer >= 1 or null (every seed)")
     if config.training.lr <= 0:
         raise ConfigError(f"{source}: training.lr = {config.training.lr!r} is not allowed; expected a number > 0")
     controller_lr = config.training.controller_lr

@@ -138,11 +138,18 @@ def _profile_lines(conn) -> list[str]:
     table: dict[tuple, dict] = {}
     for experiment, versus, metric, ratio, device in rows:
         table.setdefault((experiment, versus, device), {})[metric] = ratio
-    metrics = ("prefill_p50_ms", "decode_p50_ms", "decode_p95_ms", "peak_memory_mb")
+    metrics = ("prefill_p50_ms", "decode_p50_ms", "decode_p95_ms", "peak_memory_mb", "kv_hit_rate")
     lines = ["", "## Gates (ratios measured in one `bem profile` process)", "",
              "| experiment | vs | device | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
+
+    def cell(values, m):
+        if m not in values:
+            return "—"
+        value = values[m]  # NaN (stored as NULL): a ratio over a rate of 0
+        return "n/a (rate of vs is 0)" if value is None or value != value else f"{value:.3f}"
+
     for (experiment, versus, device), values in table.items():
-        cells = " | ".join(f"{values[m]:.3f}" if m in values else "—" for m in metrics)
+        cells = " | ".join(cell(values, m) for m in metrics)
         lines.append(f"| {experiment} | {versus} | {device} | {cells} |")
     return lines + _profiled_lines(conn)
 

@@ -37,20 +37,23 @@ def _layout(config: ExperimentConfig) -> dict | None:
     return side_layout(config.tasks) if config.side_inputs and config.bem.controller != "static" else None
 
 
-def swap_conditions(config: ExperimentConfig) -> list[tuple[str, str]]:
+def swap_conditions(config: ExperimentConfig, seed: int | None = None) -> list[tuple[str, str]]:
     """(task, condition) pairs of the index swap (SPEC §6) a unit is evaluated under besides clean: every task
     with swapped variants (wordnet_qa), and for systems whose controller reads the evidence features also
     `features_shuffled` (clean text, another query's features). Every system reads the evidence in its prompt (and routed systems with side
     inputs read its features too), so every such unit gets them. The variants exist for the test split only."""
     if config.evaluation.split != "test":
         return []
+    limit = config.evaluation.swap_seeds
+    if seed is not None and limit is not None and seed not in config.seeds[:limit]:
+        return []  # evaluation.swap_seeds: only the experiment's first seeds get the conditions
     reads_features = config.side_inputs and config.bem.controller != "static"
     return [(task, condition) for task in config.tasks
             for condition in INDEX_SWAP.get(task, ()) + (FEATURE_SWAP.get(task, ()) if reads_features else ())]
 
 
-def missing_conditions(db: ResultsDB, unit_id: int, config: ExperimentConfig) -> list[tuple[str, str]]:
-    return [(task, c) for task, c in swap_conditions(config) if c not in db.conditions_done(unit_id, task)]
+def missing_conditions(db: ResultsDB, unit_id: int, config: ExperimentConfig, seed: int) -> list[tuple[str, str]]:
+    return [(task, c) for task, c in swap_conditions(config, seed) if c not in db.conditions_done(unit_id, task)]
 
 
 def evaluate_conditions(db: ResultsDB, unit_id: int, model, tokenizer, config: ExperimentConfig,
@@ -127,7 +130,7 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
                             unit.curve, train_seconds, eval_seconds)
     shutil.rmtree(checkpoint, ignore_errors=True)  # the unit is committed; its adapter is kept
     store_routing(db, unit_id, unit.model, unit.tokenizer, config, missing_routing(db, unit_id, config), by_task, data_root)
-    evaluate_conditions(db, unit_id, unit.model, unit.tokenizer, config, swap_conditions(config), data_root)
+    evaluate_conditions(db, unit_id, unit.model, unit.tokenizer, config, swap_conditions(config, seed), data_root)
     return unit_id
 
 
@@ -146,7 +149,7 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
         for config, seed in units:
             if db.finished(config.name, config.config_hash(), seed):
                 unit_id = db.unit_id(config.name, config.config_hash(), seed)
-                todo = missing_conditions(db, unit_id, config) if main_process else []
+                todo = missing_conditions(db, unit_id, config, seed) if main_process else []
                 routing = missing_routing(db, unit_id, config) if main_process else []
                 if todo or routing:
                     backfill_unit(db, unit_id, config, seed, out, todo, routing, data_root)
