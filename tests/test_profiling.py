@@ -96,7 +96,6 @@ def test_profile_loads_trained_units_and_labels_untrained_ones(tiny_setup, tmp_p
 
     report = write_report(out, n_resamples=200).read_text()  # the report says what each profile measured
     assert "| tiny_bem | cpu | trained, seed 0 | " in report and "| tiny_lora | cpu | untrained | 1.000 |" in report
-    assert "tiny_lora was profiled untrained" in report  # and such a profile cannot pass the gates
 
     fresh = tmp_path / "fresh"  # no units finished here
     fresh.mkdir()
