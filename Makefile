@@ -36,7 +36,10 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # The first real results (docs/results/v13_cpu): 6 experiments x 3 seeds x 500 items per task on 2 CPU
-# cores (about 2 h 15 min), then the gates' profiles and the report. Resumable: rerun after an interruption.
+# cores (about 2 h 15 min), seed 0 also under the index-swap conditions (evaluation.swap_seeds in
+# experiments/_cpu.yaml; about 35 min more), then the gates' profiles of the trained units and the report.
+# Resumable: rerun after an interruption. On the stored folder, whose adapters are not committed, a rerun
+# retrains the units it needs (checked against the stored curves) to add what is missing.
 V13 := S1_anchor L0_lora v1_dynrank v2_gateshaping v3_kron v4_film
 results-cpu: setup
 	$(BIN)/bem run --preset cpu --experiments $(V13) --out docs/results/v13_cpu

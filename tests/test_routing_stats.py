@@ -176,11 +176,19 @@ def test_routing_rows_round_trip_and_the_report_section(tmp_path):
         db.write_routing(99, "wordnet_qa", _summary(0.0, 0.0, 1.0, 0.0))
     lines = _routing_lines(sqlite3.connect(db.path), meta)
     rows = [line for line in lines if line.startswith("| moving") or line.startswith("| still")]
-    assert rows == ["| moving | 2 | 0.1500 | 0.0750 | 0.200 | — | — | — | yes |",
-                    "| still | 1 | 0.0040 | 0.0020 | 0.000 | — | — | — | **no** |"]
+    assert rows == ["| moving | 2 | 0.1500 | 0.0750 | 0.1000 | 0.200 | — | — | — | yes | yes |",
+                    "| still | 1 | 0.0040 | 0.0020 | 0.0020 | 0.000 | — | — | — | **no** | **no** |"]
     text = "\n".join(lines)
     assert "**still: its codes did not move** (largest mean |c − 1| of any site 0.004 < 0.01" in text
     assert "**moving: its codes did not move**" not in text and "indistinguishable from static LoRA" in text
+    assert "barely vary with context" not in text
+    for seed in (0, 1):  # codes away from 1 but (nearly) the same for every item and chunk: a static adapter in effect
+        flat = _summary(0.2, 3.0, 10.0, 1.0)
+        flat["model.layers.0.mlp.down_proj"]["code_std"] = 0.004
+        db.write_routing(units[("moving", seed)], "wordnet_qa", flat)
+    text = "\n".join(_routing_lines(sqlite3.connect(db.path), meta))
+    assert "**moving: its codes moved away from 1 but barely vary with context** (largest per-site std of c over " \
+           "items × chunks 0.004 < 0.01)" in text
 
 
 def test_controller_lr_gives_the_controller_its_own_learning_rate(tokenizer):

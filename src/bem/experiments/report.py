@@ -212,10 +212,13 @@ def _routing_lines(conn, units: dict) -> list[str]:
               f"the std of c over items × chunks (mean over sites), the share of chunk boundaries where the chunk "
               f"code was replaced (pooled), and the ranges of the PT1 gates and FiLM γ, β over all items and chunks. "
               f"Codes did not move: every site's mean |c − 1| (and every gate's mean |g − 1|, FiLM's mean |γ − 1| and "
-              f"|β|) below {MOVED_THRESHOLD} in every unit.", "",
-              "| experiment | units × tasks | max mean abs(c − 1) | code std | switch rate | gates | FiLM γ | FiLM β | moved |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    still = []
+              f"|β|) below {MOVED_THRESHOLD} in every unit. Codes that moved but barely vary (the largest per-site std "
+              f"of c over items × chunks below {MOVED_THRESHOLD}) are a nearly constant reweighting of the basis: "
+              f"c can be folded into U, so such a system is a static adapter in effect, whatever it reads.", "",
+              "| experiment | units × tasks | max mean abs(c − 1) | code std | max site code std | switch rate | gates | "
+              "FiLM γ | FiLM β | moved | varies with context |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    still, constant = [], []
     for experiment, rows in stats.items():
         summaries = [values for (_, _, site), values in rows.items() if site == "all"]
         if not summaries:
@@ -233,14 +236,22 @@ def _routing_lines(conn, units: dict) -> list[str]:
         moved = any(s["moved"] for s in summaries)
         if not moved:
             still.append((experiment, max(s["code_max_mean_abs_dev"] for s in summaries)))
+        spread = max((v["code_std"] for (_, _, site), v in rows.items() if site != "all" and "code_std" in v), default=0.0)
+        varies = spread >= MOVED_THRESHOLD
+        if moved and not varies:
+            constant.append((experiment, spread))
         lines.append(f"| {experiment} | {len(summaries)} | {mean('code_max_mean_abs_dev'):.4f} | {mean('code_mean_std'):.4f} "
-                     f"| {rate} | {span('gate_min', 'gate_max')} | {span('gamma_min', 'gamma_max')} | "
-                     f"{span('beta_min', 'beta_max')} | {'yes' if moved else '**no**'} |")
+                     f"| {spread:.4f} | {rate} | {span('gate_min', 'gate_max')} | {span('gamma_min', 'gamma_max')} | "
+                     f"{span('beta_min', 'beta_max')} | {'yes' if moved else '**no**'} | {'yes' if varies else '**no**'} |")
     for experiment, deviation in still:
         lines += ["", f"**{experiment}: its codes did not move** (largest mean |c − 1| of any site {deviation:.2g} < "
                   f"{MOVED_THRESHOLD}, gates and FiLM within {MOVED_THRESHOLD} of identity): on these items it routes "
                   "every token like c ≡ 1, so it is indistinguishable from static LoRA on the same sites, and a "
                   "comparison with it says nothing about routing."]
+    for experiment, spread in constant:
+        lines += ["", f"**{experiment}: its codes moved away from 1 but barely vary with context** (largest per-site std "
+                  f"of c over items × chunks {spread:.2g} < {MOVED_THRESHOLD}): nearly one code for every item and chunk, "
+                  "which a static adapter with U·diag(c) would match; its routing does not yet depend on what it reads."]
     missing = [name for name in routed if name not in stats]
     if missing:
         lines += ["", f"No routing statistics stored for {', '.join(missing)}."]
