@@ -80,3 +80,27 @@ def test_readme_zero_shot_table_is_the_stored_one():
     assert len(rows) == 6
     readme = (root / "README.md").read_text()
     assert all(row in readme for row in rows)
+
+
+def test_zero_shot_rescores_corpus_metrics_on_the_scored_hypotheses(tmp_path, monkeypatch):
+    """A summary written when corpus scores used raw replies is rescored from its stored replies, without generating."""
+    import bem.evaluate
+    from bem import metrics
+    from bem.evaluate import _rescore_corpus
+    from bem.tasks import first_line
+
+    items = [{"id": f"Gen 1:{i}", "target": t} for i, t in enumerate(
+        ["In the beginning God created the heavens and the earth.", "The earth was formless and empty.",
+         "God said, Let there be light, and there was light.", "God saw the light, and saw that it was good.",
+         "There was evening and there was morning, the first day."])]
+    monkeypatch.setattr(bem.evaluate, "load_items", lambda task, split, n, root=None: items[:n])
+    replies = [f"{it['target']}\nand a second line that the per-item score ignores" for it in items]
+    (tmp_path / "bible_translate.items.jsonl").write_text(
+        "".join(json.dumps({"id": it["id"], "prediction": r}) + "\n" for it, r in zip(items, replies)))
+    old = {"split": "test", "corpus": {"corpus_chrf": 1.0, "corpus_bleu": 1.0}}
+    path = tmp_path / "bible_translate.summary.json"
+    new = _rescore_corpus(old, tmp_path / "bible_translate.items.jsonl", "bible_translate", 5, path)
+    refs = [it["target"] for it in items]
+    assert new["corpus"]["corpus_chrf"] == pytest.approx(metrics.corpus_chrf([first_line(r) for r in replies], refs))
+    assert new["corpus"]["corpus_chrf"] > 99 and new["corpus_on"] == "hypothesis"
+    assert json.loads(path.read_text()) == new

@@ -123,15 +123,36 @@ def zero_shot(model_name: str, tasks: list[str], n: int, out: Path, batch_size: 
             if summary.get("n_requested") == n and summary.get("data_fingerprint") == fingerprint \
                     and summary.get("model") == model_name:
                 log.info("%s: already scored, skipped", task)
-                summaries[task] = summary
+                summaries[task] = _rescore_corpus(summary, out / f"{task}.items.jsonl", task, n, done)
                 continue
         rows, summary = evaluate_task(model, tokenizer, task, n, batch_size=batch_size)
-        summary.update(n_requested=n, data_fingerprint=fingerprint, model=model_name)
+        summary.update(n_requested=n, data_fingerprint=fingerprint, model=model_name, corpus_on="hypothesis")
         _atomic_write(out / f"{task}.items.jsonl", "".join(dumps(r) + "\n" for r in rows))
         _atomic_write(done, json.dumps(summary, indent=2, sort_keys=True))
         summaries[task] = summary
+    for other in sorted(out.glob("*.summary.json")):  # the table lists every task scored in this folder
+        task = other.name.removesuffix(".summary.json")
+        stored = json.loads(other.read_text())
+        if task not in summaries and stored.get("n_requested") == n and stored.get("model") == model_name:
+            summaries[task] = stored
+    order = list(SPECS)
+    summaries = dict(sorted(summaries.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     _atomic_write(out / "summary.md", summary_table(summaries, model_name, n))
     return summaries
+
+
+def _rescore_corpus(summary: dict, items_path: Path, task: str, n: int, summary_path: Path) -> dict:
+    """Corpus scores of a finished task recomputed from its stored replies on the hypotheses the per-item scores use
+    (`TaskSpec.hypothesis`); summaries written before that scored the raw replies. Rewrites the summary if they moved."""
+    if summary.get("corpus_on") == "hypothesis" or not summary.get("corpus"):
+        return summary
+    predictions = {r["id"]: r["prediction"] for r in map(json.loads, items_path.read_text().splitlines())}
+    items = load_items(task, summary.get("split", "test"), n)
+    summary = {**summary, "corpus": SPECS[task].corpus([predictions[it["id"]] for it in items], items),
+               "corpus_on": "hypothesis"}
+    _atomic_write(summary_path, json.dumps(summary, indent=2, sort_keys=True))
+    log.info("%s: corpus scores recomputed on the scored hypotheses: %s", task, summary["corpus"])
+    return summary
 
 
 def summary_table(summaries: dict, model_name: str, n: int) -> str:
