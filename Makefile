@@ -37,7 +37,8 @@ test: setup
 
 # The first real results (docs/results/v13_cpu): 6 experiments x 3 seeds x 500 items per task on 2 CPU
 # cores (about 2 h 15 min), seed 0 also under the index-swap conditions (evaluation.swap_seeds in
-# experiments/_cpu.yaml; about 35 min more), then the gates' profiles of the trained units and the report.
+# experiments/_cpu.yaml; 17 conditions x ~4.7 min, about 80 min more) and routing statistics (100 items per
+# task, ~1.5 min per routed unit), then the gates' profiles of the trained units and the report.
 # Resumable: rerun after an interruption. On the stored folder, whose adapters are not committed, a rerun
 # retrains the units it needs (checked against the stored curves) to add what is missing.
 V13 := S1_anchor L0_lora v1_dynrank v2_gateshaping v3_kron v4_film

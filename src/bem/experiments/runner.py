@@ -69,6 +69,9 @@ def evaluate_conditions(db: ResultsDB, unit_id: int, model, tokenizer, config: E
                  time.perf_counter() - start, summary["means"])
 
 
+ROUTING_ITEMS = 100  # items per task the routing statistics read (docs/results/v13_cpu's seed-0 units used all 500)
+
+
 def missing_routing(db: ResultsDB, unit_id: int, config: ExperimentConfig) -> list[str]:
     """Tasks of a routed unit without stored routing statistics (item 8 of issue 12: is routing alive?)."""
     if config.bem.controller == "static":
@@ -83,8 +86,9 @@ def store_routing(db: ResultsDB, unit_id: int, model, tokenizer, config: Experim
     from bem.routing_stats import measure_task_routing
 
     for task in tasks:
-        stats = measure_task_routing(model, tokenizer, task, rows[task], _layout(config), data_root,
-                                     config.evaluation.split, config.evaluation.batch_size)
+        step = max(1, len(rows[task]) // ROUTING_ITEMS)  # evenly spread: the pass costs about one prefill per item
+        stats = measure_task_routing(model, tokenizer, task, rows[task][::step][:ROUTING_ITEMS], _layout(config),
+                                     data_root, config.evaluation.split, config.evaluation.batch_size)
         db.write_routing(unit_id, task, stats)
 
 
