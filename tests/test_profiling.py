@@ -130,3 +130,11 @@ def test_restored_adapter_equals_the_saved_one(tiny_setup, tmp_path, monkeypatch
         restore_adapter(config, 0, out)
     with pytest.raises(FileNotFoundError, match="no finished unit"):
         restore_adapter(config, 1, out)
+
+
+def test_profile_out_must_be_a_run_folder(tmp_path, capsys):
+    from bem.cli import main
+
+    assert main(["profile", "--experiments", "L0_lora", "--out", str(tmp_path / "typo")]) == 2
+    assert "--out " + str(tmp_path / "typo") + ": no results.sqlite there" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()  # nothing created

@@ -152,6 +152,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from bem.experiments.results import ResultsDB
     from bem.profiling import profile
 
+    if args.out and not (Path(args.out) / "results.sqlite").is_file():
+        print(f"error: --out {args.out}: no results.sqlite there; --out takes a run folder written by `bem run` "
+              "(its finished units are profiled with their trained adapters); leave it out to profile fresh modules",
+              file=sys.stderr)
+        return 2
     names = args.experiments or (list_experiments() if args.comprehensive else ["L0_lora", "S1_anchor"])
     overlay = "_quick" if args.quick else (f"_{args.preset}" if args.preset else None)
     configs = [load_experiment(n, overlay=overlay) for n in names]  # the overlay only changes the config hash
