@@ -28,11 +28,11 @@ def test_shipped_experiments_load():
     ("training:\n  steps: many\n", r"x\.yaml: training\.steps = 'many' is not allowed; expected an integer"),
     ("training:\n  precision: fp8\n", r"training\.precision = 'fp8' is not allowed; expected one of 'fp32', 'bf16'"),
     ("tasks: [wordnet_qa, squad]\n", r"tasks\[1\] = 'squad' is not allowed; expected one of"),
-    ("bem:\n  rank: 0\n", r"x\.yaml: bem: BEMConfig\.rank = 0 is not allowed"),
+    ("bem:\n  rank: 0\n", r"x\.yaml: bem\.rank = 0 is not allowed; expected an integer >= 1"),
     ("bem:\n  side_dim: 3\n", r"bem\.side_dim = 3 is not allowed; the side inputs of tasks"),
     ("base: nowhere\n", r"experiment file .*nowhere\.yaml does not exist"),
     ("seeds: []\n", r"seeds = \[\] is not allowed"),
-    ("evaluation:\n  swap_seeds: 0\n", r"x\.yaml: evaluation\.swap_seeds = 0 is not allowed; expected an integer >= 1 or null"),
+    ("evaluation:\n  swap_seeds: 0\n", r"x\.yaml: evaluation\.swap_seeds = 0 is not allowed; expected an integer >= 1 .*, or null"),
     ("- a list\n", r"x\.yaml: must hold a mapping"),
 ])
 def test_config_errors_name_file_field_value_and_allowed(tmp_path, body, message):
@@ -65,7 +65,7 @@ def test_shipped_experiments_are_within_parity_in_bem_list_json():
 
 
 def test_base_inheritance_merges_and_detects_loops(tmp_path):
-    write(tmp_path / "_b.yaml", "training:\n  steps: 7\n  lr: 0.01\nbem:\n  rank: 4\n  side_dim: 5\n")
+    write(tmp_path / "_b.yaml", "training:\n  steps: 7\n  warmup_steps: 2\n  lr: 0.01\nbem:\n  rank: 4\n  side_dim: 5\n")
     write(tmp_path / "child.yaml", "base: _b\ntraining:\n  steps: 9\n")
     c = load_experiment("child", tmp_path)
     assert (c.training.steps, c.training.lr, c.bem.rank) == (9, 0.01, 4)
@@ -94,9 +94,10 @@ def tiny_setup(tmp_path_factory):
               "side_inputs: false\nbem:\n  rank: 4\n  sites: [o_proj, down_proj]\n  controller: {ctrl}\n  chunk_size: 4\n"
               "training:\n  steps: 6\n  batch_size: 2\n  grad_accum: 2\n  lr: 0.01\n  warmup_steps: 2\n"
               "  checkpoint_every: 2\n  max_length: 48\n  train_items: 20\nevaluation:\n  items: 4\n  batch_size: 4\n")
-    # at width 32 the controller outweighs the sites (×3.5 parameters): widen the parity tolerance for the test
+    # at width 32 a controller of the default width outweighs the sites (×3.5 parameters): hidden width 2 keeps
+    # tiny_bem within ×1.17 parameters and ×1.03 FLOPs/token of tiny_lora
     write(experiments / "tiny_bem.yaml", common.format(ctrl="chunk").replace("anchor: null", "anchor: tiny_lora")
-          + "gates:\n  parity_tolerance: 5.0\n")
+          .replace("  chunk_size: 4\n", "  chunk_size: 4\n  controller_hidden: 2\n") + "gates:\n  parity_tolerance: 0.2\n")
     write(experiments / "tiny_lora.yaml", common.format(ctrl="static"))
     return root
 
@@ -112,7 +113,8 @@ def _scores(db_path):
 
 def test_killed_run_resumes_to_the_same_scores(tiny_setup, tmp_path, monkeypatch):
     from bem.experiments import runner
-    from bem.experiments.training import train_unit
+    from bem.experiments.adapters import unit_data
+    from bem.experiments.training import latest_checkpoint, train_unit
 
     monkeypatch.setenv("BEM_DATA", str(tiny_setup / "data"))
     experiments = tiny_setup / "experiments"
@@ -122,8 +124,10 @@ def test_killed_run_resumes_to_the_same_scores(tiny_setup, tmp_path, monkeypatch
     killed = tmp_path / "killed"
     config = load_experiment("tiny_bem", experiments)
     checkpoint = killed / "checkpoints" / runner.unit_name(config, 0)
-    partial = train_unit(config, 0, checkpoint, stop_after=3)  # the run "dies" after step 3
-    assert len(partial.curve) == 3 and json.loads((checkpoint / "progress.json").read_text())["step"] == 3
+    identity = {"config_hash": config.config_hash(), "data": unit_data(config)}  # what runner.run_unit passes
+    partial = train_unit(config, 0, checkpoint, stop_after=3, identity=identity)  # the run "dies" after step 3
+    saved, step = latest_checkpoint(checkpoint)
+    assert len(partial.curve) == 3 and step == 3 and json.loads((saved / "progress.json").read_text())["step"] == 3
     runner.run(["tiny_bem"], killed, directory=experiments)  # starts again, resumes from the checkpoint
     rows_a, curve_a = _scores(straight / "results.sqlite")
     rows_b, curve_b = _scores(killed / "results.sqlite")

@@ -37,6 +37,9 @@ def _wordnet_qa(root):
     (root / "wordnet_qa").mkdir(parents=True)
     for split, items in (("train", train), ("dev", train[:2]), ("test", test)):
         (root / "wordnet_qa" / f"{split}.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    from bem.data.prepare import record_task
+
+    record_task("wordnet_qa", root, "hand-made-test")  # runs verify and identify data by the manifest
     return test
 
 
@@ -60,7 +63,8 @@ def setup(tmp_path_factory):
               "  checkpoint_every: 2\n  max_length: 96\n  train_items: 12\nevaluation:\n  items: 6\n  batch_size: 3\n")
     (experiments / "tiny_bem.yaml").write_text(
         common.format(side="true", ctrl="chunk", dim=5).replace("anchor: null", "anchor: L0_lora")
-        + "gates:\n  parity_tolerance: 5.0\n")
+        .replace("  chunk_size: 4\n", "  chunk_size: 4\n  controller_hidden: 2\n")  # ×1.17 params of L0_lora
+        + "gates:\n  parity_tolerance: 0.2\n")
     (experiments / "L0_lora.yaml").write_text(common.format(side="false", ctrl="static", dim=0))
     return {"root": root, "data": root / "data", "experiments": experiments, "test": test}
 

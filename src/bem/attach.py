@@ -1,15 +1,19 @@
-"""attach_bem / save_bem / load_bem: put BEM sites and a controller on a Hugging Face causal LM."""
+"""attach_bem / detach_bem / save_bem / load_bem: put BEM sites and a controller on a Hugging Face causal LM."""
 from __future__ import annotations
 
 import contextlib
 import copy
 import functools
+import glob
+import hashlib
 import inspect
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +26,7 @@ from transformers.pytorch_utils import Conv1D
 
 from bem.config import BEMConfig, BEMConfigError
 from bem.controller import Controller, Heads
+from bem.errors import CheckpointError
 from bem.layer import BEMLayer, KronLayer, site_shape
 from bem.runtime import BEMRuntime
 
@@ -29,7 +34,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "bem_config.json"
 WEIGHTS_FILE = "bem_weights.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bem_config.json records the weights' sha256
+READ_FORMAT_VERSIONS = (1, 2)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -302,49 +308,237 @@ def _fingerprint(model: nn.Module) -> dict:
             "num_layers": len(find_blocks(model)[1]), "vocab_size": getattr(cfg, "vocab_size", None)}
 
 
-def save_bem(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the BEM tensors as safetensors plus a JSON config; written atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config: BEMConfig = model.bem_config
-    meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "base": _fingerprint(model)}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in bem_state_dict(model).items()}
-    for filename, write in ((WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "bem"})),
-                            (CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))):
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{filename}.")
+# --- saving and loading, written so that a kill at any moment leaves either the old folder or the new one ------
+_crash_counts: dict[str, int] = {}
+
+
+def _crash_point(name: str) -> None:
+    """Test hook: with the environment variable BEM_CRASH_AT = `name` (or `name@N`: the N-th time this point is
+    reached in the process) the process dies here at once, like a `kill -9` (exit status 137, nothing flushed)."""
+    wanted = os.environ.get("BEM_CRASH_AT")
+    if not wanted:
+        return
+    target, _, nth = wanted.partition("@")
+    if target != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] == int(nth or 1):
+        os._exit(137)
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    """Flush a file or a folder (its entries: names created, renamed or removed) to the disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if os.path.isdir(path):  # platforms that cannot open a folder (Windows) cannot flush one either
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the rename is still atomic there
+        if not os.path.isdir(path):
+            raise
+    finally:
         os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, directory / filename)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor] | None) -> None:
+    """CheckpointError naming `path` unless the tensors are finite and (given `expected`) have exactly its names,
+    shapes and dtypes."""
+    if expected is not None:
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: tensors do not match the model's BEM modules: missing {missing[:5]}"
+                                  f"{' …' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                                  f"{' …' if len(unexpected) > 5 else ''}")
+        for key, want in expected.items():
+            got = tensors[key]
+            if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+                raise CheckpointError(f"{path}: tensor {key} is {got.dtype} {tuple(got.shape)}, the model's is "
+                                      f"{want.dtype} {tuple(want.shape)}")
+    for key, got in tensors.items():
+        if got.dtype.is_floating_point or got.dtype.is_complex:
+            bad = int((~torch.isfinite(got)).sum())
+            if bad:
+                raise CheckpointError(f"{path}: tensor {key} has {bad} NaN or infinite values of {got.numel()}")
+
+
+def _pending(directory: Path, kind: str) -> list[Path]:
+    """Siblings save_bem leaves when killed: `.NAME.new-*` (a new folder being written) or `.NAME.old-*`
+    (the folder being replaced, moved aside)."""
+    return sorted(directory.parent.glob(f".{glob.escape(directory.name)}.{kind}-*"))
+
+
+def _complete_adapter(folder: Path) -> bool:
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+        return meta.get("weights_sha256") == _sha256(folder / WEIGHTS_FILE)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _finish_replacement(directory: Path) -> None:
+    """Undo the traces of a save_bem that was killed: when the folder itself is missing (killed between moving the old
+    folder aside and renaming the new one in) the complete new folder, else the old one, takes its name; leftover
+    `.NAME.new-*` / `.NAME.old-*` siblings are removed."""
+    if not directory.exists():
+        new = [p for p in _pending(directory, "new") if _complete_adapter(p)]
+        old = _pending(directory, "old")
+        back = new[-1] if new else (old[-1] if old else None)
+        if back is not None:
+            log.warning("%s: finishing an interrupted save (%s takes the folder's name)", directory, back.name)
+            os.rename(back, directory)
+            _fsync(directory.parent)
+    for leftover in _pending(directory, "new") + _pending(directory, "old"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def save_bem(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the BEM tensors (safetensors) and a JSON config with their sha256 into the folder `directory`.
+
+    Atomic: both files are written and flushed in a new sibling folder, which then takes the folder's name (an old
+    folder is moved aside first and removed after). A kill at any moment leaves the old folder or the new one (or,
+    between the two renames, both beside the name; the next save_bem puts the complete one back first).
+    A folder holding anything but a saved adapter is not replaced (CheckpointError).
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _finish_replacement(directory)
+    if directory.exists():
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: is a file, not a folder; save_bem writes a folder there")
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in (CONFIG_FILE, WEIGHTS_FILE))
+        if foreign:
+            raise CheckpointError(f"{directory}: holds {foreign[:5]} besides a saved adapter; save_bem replaces the "
+                                  "whole folder, so it writes only into a new, empty or adapter-only folder")
+    config: BEMConfig = model.bem_config
+    tensors = {k: v.detach().contiguous().cpu() for k, v in bem_state_dict(model).items()}
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.new-"))
+    old = None
+    try:
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "bem"})
+        _fsync(tmp / WEIGHTS_FILE)
+        _crash_point("adapter.weights")
+        meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "base": _fingerprint(model),
+                "weights_sha256": _sha256(tmp / WEIGHTS_FILE)}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        _fsync(tmp / CONFIG_FILE)
+        _fsync(tmp)
+        _crash_point("adapter.config")
+        if directory.exists():
+            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(directory, old)
+            _crash_point("adapter.moved_aside")
+        os.rename(tmp, directory)
+        _fsync(directory.parent)
+        _crash_point("adapter.renamed")
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not directory.exists():
+                os.rename(old, directory)  # the new folder failed: the old one keeps the name
+    if old is not None:
+        shutil.rmtree(old)
+        _fsync(directory.parent)
+        _crash_point("adapter.cleaned")
     return directory
 
 
+def detach_bem(model: nn.Module) -> nn.Module:
+    """Undo attach_bem: the original linear layers back in place (unmerged), hooks, controller and the wrapped
+    forward/generate removed. Parameters keep their requires_grad (attach_bem froze them). Returns `model`."""
+    runtime = getattr(model, "_bem_runtime", None)
+    for name, layer in list(bem_layers(model).items()):
+        if layer._merged_weight is not None:
+            layer.unmerge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+    for handle in getattr(runtime, "hooks", None) or []:
+        handle.remove()
+    if "bem_controller" in model._modules:
+        del model.bem_controller
+    for attr in ("forward", "generate"):
+        wrapper = model.__dict__.get(attr)
+        original = getattr(wrapper, "__wrapped__", None)
+        if original is None:
+            continue
+        own = getattr(type(model), attr, None)
+        if getattr(original, "__self__", None) is model and getattr(original, "__func__", None) is own:
+            del model.__dict__[attr]  # the class's own method again
+        else:
+            model.__dict__[attr] = original  # a wrapper that was there before attach_bem (e.g. Accelerate's)
+    for attr in ("_bem_runtime", "bem_config"):
+        model.__dict__.pop(attr, None)
+    return model
+
+
 def load_bem(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Attach BEM from `directory` (written by save_bem) onto a fresh base model. Never unpickles."""
+    """Attach BEM from `directory` (written by save_bem) onto a fresh base model. Never unpickles.
+
+    Checked before anything stays attached: the config, the weights' sha256 (format 2; format 1 folders have none
+    and load with a warning), the base model, and every tensor's name, shape, dtype and finiteness. On any failure
+    (CheckpointError naming the file) the model is left exactly as it was, without BEM.
+    """
     directory = Path(directory)
+    if getattr(model, "_bem_runtime", None) is not None:
+        raise ValueError(f"load_bem({directory}): BEM is already attached to this model; load onto a fresh base model")
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; a BEM checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    meta = json.loads(config_path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{config_path}: format_version = {meta.get('format_version')!r}; this BEM reads {FORMAT_VERSION}")
+            pending = [p.name for p in _pending(directory, "new") + _pending(directory, "old")]
+            raise CheckpointError(f"{path} not found; a saved BEM adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}"
+                                  + (f" (an interrupted save left {pending} beside it; save the adapter again)"
+                                     if pending else ""))
+    try:
+        meta = json.loads(config_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:
+        raise CheckpointError(f"{config_path}: not a readable BEM config ({err})") from None
+    version = meta.get("format_version")
+    if version not in READ_FORMAT_VERSIONS:
+        raise CheckpointError(f"{config_path}: format_version = {version!r}; this BEM reads "
+                              f"{list(READ_FORMAT_VERSIONS)}")
+    if version >= 2:
+        want, got = meta.get("weights_sha256"), _sha256(weights_path)
+        if want != got:
+            raise CheckpointError(f"{weights_path}: sha256 {got} differs from the {want!r} recorded in {CONFIG_FILE}: "
+                                  "the file is damaged or not the one saved with this config")
+    else:
+        log.warning("%s: format_version %s has no checksum; the weights are checked for names, shapes, dtypes and "
+                    "finite values only. Save it again to add one.", config_path, version)
     base = _fingerprint(model)
     if meta.get("base") != base:
-        raise ValueError(f"{config_path}: saved for base {meta.get('base')}, but the model is {base}")
-    attach_bem(model, BEMConfig.from_dict(meta["config"], source=str(config_path)))
-    tensors = load_file(str(weights_path))
-    own = bem_state_dict(model)
-    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{weights_path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
-    with torch.no_grad():
-        for key, target in own.items():
-            if tensors[key].shape != target.shape:
-                raise ValueError(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, "
-                                 f"expected {tuple(target.shape)}")
-            target.copy_(tensors[key])
+        raise CheckpointError(f"{config_path}: saved for base {meta.get('base')}, but the model is {base}")
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error type for a malformed file
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({err})") from None
+    _check_tensors(weights_path, tensors, None)  # finite, before touching the model
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{config_path}: has no 'config' object; expected one written by save_bem")
+    config = BEMConfig.from_dict(meta["config"], source=str(config_path))
+    frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        attach_bem(model, config)
+        own = bem_state_dict(model)
+        _check_tensors(weights_path, tensors, own)
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(tensors[key])
+    except BaseException:
+        detach_bem(model)
+        for name, p in model.named_parameters():
+            if name in frozen:
+                p.requires_grad_(frozen[name])
+        raise
     return model

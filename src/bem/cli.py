@@ -9,6 +9,21 @@ import sys
 import time
 from pathlib import Path
 
+from bem.errors import BEMError
+
+
+def _overlay(args: argparse.Namespace) -> str | None:
+    """The preset overlay file (`_quick`, `_cpu`, ...) named by --quick / --preset; an unknown preset is an error."""
+    from bem.experiments.config import list_presets
+
+    if args.quick and args.preset and args.preset != "quick":
+        raise BEMError(f"--quick and --preset {args.preset} contradict each other; --quick is --preset quick")
+    preset = "quick" if args.quick else args.preset
+    if preset is not None and preset not in list_presets():
+        raise BEMError(f"--preset {preset!r} is not allowed; expected one of {list_presets()} (the experiments/_NAME.yaml "
+                       "overlays)")
+    return f"_{preset}" if preset else None
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     from bem.data.prepare import prepare
@@ -16,7 +31,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bem.experiments.runner import QUICK_EXPERIMENTS, run
 
     names = args.experiments or (QUICK_EXPERIMENTS if args.quick else list_experiments())
-    overlay = "_quick" if args.quick else (f"_{args.preset}" if args.preset else None)
+    overlay = _overlay(args)
     tasks = sorted({t for n in names for t in load_experiment(n, overlay=overlay).tasks})
     if os.environ.get("RANK", "0") == "0":  # under DDP, rank 0 prepares; run `bem data prepare` first there
         prepare(tasks)  # idempotent: builds only what is missing
@@ -91,13 +106,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bem.tasks import SPECS
 
     if not args.zero_shot:
-        print("error: only --zero-shot exists until the experiment runner lands", file=sys.stderr)
-        return 2
+        raise BEMError("bem eval scores the frozen base model only (--zero-shot)",
+                       hint="trained experiments are scored by `bem run`")
     tasks = args.tasks or list(SPECS)
     unknown = [t for t in tasks if t not in SPECS]
     if unknown:
-        print(f"error: unknown task(s) {unknown}; known: {sorted(SPECS)}", file=sys.stderr)
-        return 2
+        raise BEMError(f"--tasks: unknown task(s) {unknown}; expected some of {sorted(SPECS)}")
     summaries = zero_shot(args.model, tasks, args.n, Path(args.out), args.batch_size)
     print(summary_table(summaries, args.model, args.n))
     return 0
@@ -107,6 +121,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from bem.experiments.analysis import analyze
 
     result = analyze(Path(args.run_dir), hierarchical=getattr(args, "hierarchical", False))
+    if not result["verdicts_stored"]:
+        print(f"note: {Path(args.run_dir) / 'results.sqlite'} is read-only; the verdicts were computed, not stored",
+              file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -123,7 +140,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from bem.experiments.report import write_report
 
-    print(f"wrote {write_report(Path(args.run_dir), hierarchical=getattr(args, 'hierarchical', False))}")
+    path = write_report(Path(args.run_dir), hierarchical=getattr(args, "hierarchical", False),
+                        to=Path(args.to) if args.to else None)
+    print(f"wrote {path}")
     return 0
 
 
@@ -153,12 +172,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from bem.profiling import profile
 
     if args.out and not (Path(args.out) / "results.sqlite").is_file():
-        print(f"error: --out {args.out}: no results.sqlite there; --out takes a run folder written by `bem run` "
-              "(its finished units are profiled with their trained adapters); leave it out to profile fresh modules",
-              file=sys.stderr)
-        return 2
+        raise BEMError(f"--out {args.out}: no results.sqlite there; --out takes a run folder written by `bem run` "
+                       "(its finished units are profiled with their trained adapters)",
+                       hint="leave --out out to profile fresh modules")
     names = args.experiments or (list_experiments() if args.comprehensive else ["L0_lora", "S1_anchor"])
-    overlay = "_quick" if args.quick else (f"_{args.preset}" if args.preset else None)
+    overlay = _overlay(args)
     configs = [load_experiment(n, overlay=overlay) for n in names]  # the overlay only changes the config hash
     options = {"repeats": 20 if args.comprehensive else 5, "prompt_len": args.prompt_len, "batch": args.batch}
     results = profile(configs, device=args.device, run_dir=args.out, **options)
@@ -186,10 +204,63 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; expected an integer >= 1")
+    return value
+
+
+REPORT_BUGS = ("this is a bug in BEM, not in your input: please report it on the project's issue tracker with the "
+               "command and the output of `bem --debug` followed by the same arguments")
+
+
+def _known(err: BaseException) -> tuple[str, str] | None:
+    """(message, hint) of an error a user can act on, or None for a bug."""
+    import errno
+
+    if isinstance(err, BEMError):
+        return str(err), err.hint
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return (f"no space left on the device{f' writing {err.filename}' if err.filename else ''}",
+                "free some space and run the same command again: finished units and the last checkpoint are kept")
+    if isinstance(err, (PermissionError, FileNotFoundError, ModuleNotFoundError)) or \
+            (isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES)):
+        return str(err), ""
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `bem` command: every error a user can act on is one line (and a hint) with exit status 2 (1 for the
+    machine's: disk, permissions); anything else is reported as a bug; `bem --debug ...` shows the traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted: finished units are stored and the last checkpoint is kept; run the same command again to "
+              "resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (the one place every error reaches the user)
+        if debug:
+            raise
+        known = _known(err)
+        if known is None:
+            print(f"internal error: {type(err).__name__}: {err}\n{REPORT_BUGS}", file=sys.stderr)
+            return 1
+        message, hint = known
+        print(f"error: {message}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
+        return 2 if isinstance(err, BEMError) else 1
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bem", description="Basis Extension Modules: train and judge "
                                      "context-routed low-rank modules on frozen language models.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="train and evaluate experiments; finished units are skipped")
     run.add_argument("--quick", action="store_true", help="the embedded default: SmolLM2-135M, L0_lora + S1_anchor, "
@@ -197,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--preset", default=None, help="apply the overlay experiments/_PRESET.yaml to every experiment "
                      "(e.g. cpu: the 3-seed, 500-item preset of docs/results/v13_cpu sized for 2 CPU cores)")
     run.add_argument("--experiments", nargs="+", default=None, help="experiment names (default: all, or the quick pair)")
-    run.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: each experiment's own)")
+    run.add_argument("--seeds", type=_positive, default=None, help="number of seeds 0..N-1 (default: each experiment's own)")
     run.add_argument("--out", default=None, help="run folder (default: runs/quick with --quick, else runs/main)")
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="experiments with added parameters, FLOPs per token and parity vs the anchor")
@@ -213,13 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="write report.md and plots of a run folder from its database")
     rep.add_argument("run_dir")
     rep.add_argument("--hierarchical", action="store_true", help=hier)
+    rep.add_argument("--to", default=None, help="folder for report.md and the plots (default: the run folder; "
+                     "needed when the run folder is read-only)")
     rep.set_defaults(func=cmd_report)
     prof = sub.add_parser("profile", help="latency p50/p95 (prefill, decode step) and peak memory vs the base model")
     prof.add_argument("--experiments", nargs="+", default=None, help="default: L0_lora S1_anchor")
     prof.add_argument("--comprehensive", action="store_true", help="every experiment, more repeats")
     prof.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
-    prof.add_argument("--prompt-len", type=int, default=128)
-    prof.add_argument("--batch", type=int, default=1)
+    prof.add_argument("--prompt-len", type=_positive, default=128)
+    prof.add_argument("--batch", type=_positive, default=1)
     prof.add_argument("--preset", default=None, help="the overlay the run folder was made with (matches its config hashes)")
     prof.add_argument("--quick", action="store_true", help="same as --preset quick")
     prof.add_argument("--out", default=None, help="run folder: each experiment's finished unit is profiled with its "
@@ -234,12 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="score a model on the task suite's test splits")
     ev.add_argument("--zero-shot", action="store_true", help="the frozen base model, no modules")
     ev.add_argument("--tasks", nargs="+", default=None, help="task names (default: all)")
-    ev.add_argument("--n", type=int, default=200, help="items per task (default: 200)")
+    ev.add_argument("--n", type=_positive, default=200, help="items per task (default: 200)")
     ev.add_argument("--model", default="smollm2-135m")
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--batch-size", type=_positive, default=16)
     ev.add_argument("--out", default="runs/zero_shot", help="results folder (default: runs/zero_shot)")
     ev.set_defaults(func=cmd_eval)
     args = parser.parse_args(argv)
+    if getattr(args, "out", None) is not None and args.command == "run" and Path(args.out).exists() \
+            and not Path(args.out).is_dir():
+        raise BEMError(f"--out {args.out} is a file; expected a run folder")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.version:
         from bem import __version__

@@ -3,15 +3,94 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
+
+from bem.errors import BEMError
 
 CONTROLLERS = ("static", "prefix", "chunk")
 PREFIX_SCOPES = ("prompt", "chunk")
 
 
-class BEMConfigError(ValueError):
-    """A BEM option has a value that is not allowed; the message names the field and what is allowed."""
+class BEMConfigError(BEMError, ValueError):
+    """A BEM option has a value that is not allowed; the message names the field and what is allowed.
+    `field`, `value` and `allowed` say the same for callers that name the field their own way."""
+
+    def __init__(self, message: str, hint: str = "", field: str | None = None, value: Any = None, allowed: str = ""):
+        super().__init__(message, hint)
+        self.field, self.value, self.allowed = field, value, allowed
+
+
+class Limit(NamedTuple):
+    """Allowed range of a numeric option: low..high (low itself excluded when `low_open`)."""
+
+    low: int | float
+    high: int | float | str
+    """The largest value, or the (dotted) name of the option that bounds this one."""
+    meaning: str
+    """What the number counts or means (its unit)."""
+    low_open: bool = False
+    null: str = ""
+    """What null means, for options that may be null ("" : null is not allowed)."""
+
+    def interval(self) -> str:
+        """E.g. `[1, 4096]`, `(0, 1]`, `[0, training.steps]`."""
+        return f"{'(' if self.low_open else '['}{self.low}, {self.high}]"
+
+    def allows(self, value: Any, bound: int | float | None = None) -> bool:
+        """Whether `value` is a finite number (never a bool) in range; `bound` is the value of a named `high`."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        high = self.high if bound is None else bound
+        return (value > self.low if self.low_open else value >= self.low) and (isinstance(high, str) or value <= high)
+
+    def text(self, integer: bool, bound: int | float | None = None) -> str:
+        """What is allowed, in words, for error messages."""
+        kind = "an integer" if integer else "a number"
+        if isinstance(self.high, str):
+            low = f"{self.low} < k" if self.low_open else f"{self.low} <= k"
+            shown = self.high if bound is None else f"{self.high} ({bound})"
+            out = f"{kind} k with {low} <= {shown} ({self.meaning})"
+        else:
+            out = f"{kind} {'>' if self.low_open else '>='} {self.low} and <= {self.high} ({self.meaning})"
+        return out + (f", or null ({self.null})" if self.null else "")
+
+
+LIMITS: dict[str, Limit] = {
+    "rank": Limit(1, 4096, "basis directions per site"),
+    "alpha": Limit(0, 65536, "scale numerator: s = alpha / rank", low_open=True),
+    "chunk_size": Limit(1, 65536, "tokens per chunk"),
+    "hysteresis_tau": Limit(0, 100, "RMS code change needed to switch codes; 0 = always switch"),
+    "read_layer": Limit(0, 4096, "hidden state the controller reads: 0 = token embeddings, k = output of block k-1"),
+    "side_dim": Limit(0, 65536, "width of the side-input vector; 0 = none"),
+    "controller_hidden": Limit(1, 65536, "hidden width of the controller MLP"),
+    "tau_sigma": Limit(0, 1_000_000, "trust region on the spectral norm of each example's ΔW", low_open=True, null="off"),
+    "tau_fro": Limit(0, 1_000_000, "trust region on the Frobenius norm of each example's ΔW", low_open=True, null="off"),
+    "layers": Limit(0, 4095, "block index", null="every block"),
+    "head_groups": Limit(0, 4096, "head groups per gated site; 0 = off"),
+    "dynamic_rank": Limit(1, "rank", "directions kept per example and chunk", null="off"),
+    "kron_factor": Limit(1, 65536, "rows, columns of each A factor"),
+    "kron_terms": Limit(1, 4096, "Kronecker terms per site", null="rank"),
+    "film": Limit(0, 65536, "FiLM channel groups per block; 0 = off"),
+    "film_gamma_max": Limit(0, 100, "clamp on |γ − 1|", low_open=True),
+    "film_beta_max": Limit(0, 100, "clamp on |β|", low_open=True),
+}
+"""Allowed ranges of BEMConfig's numeric options (of each element, for the lists `layers` and
+`kron_factor`); `bem.experiments.config.LIMITS` holds them too, under `bem.`."""
+
+_SITES = "a layer-name suffix or a list of non-empty suffixes such as ['o_proj', 'down_proj']"
+RULES: dict[str, str] = {
+    "sites": _SITES.replace("a list", "a non-empty list"),
+    "head_gate_sites": _SITES + " (used when head_groups > 0)",
+    "kron_sites": _SITES + "; [] = off",
+    "layers": f"null (every block) or a non-empty list of distinct block indices, each an integer in {LIMITS['layers'].interval()}",
+    "gate_features": f"[] (off) or a list of distinct indices into the side vector, each an integer in "
+                     "[0, side_dim - 1]; needs head_groups > 0",
+    "kron_factor": f"null or [rows, columns] of each A factor, two integers in {LIMITS['kron_factor'].interval()}; "
+                   "required when kron_sites is set",
+}
+"""What is allowed for BEMConfig's list options, in words (used in messages and docs/configuration.md)."""
 
 
 def _is_int(value: Any) -> bool:
@@ -20,7 +99,17 @@ def _is_int(value: Any) -> bool:
 
 def _fail(source: str, name: str, value: Any, allowed: str) -> None:
     where = f"{source}: " if source else ""
-    raise BEMConfigError(f"{where}BEMConfig.{name} = {value!r} is not allowed; expected {allowed}")
+    raise BEMConfigError(f"{where}BEMConfig.{name} = {value!r} is not allowed; expected {allowed}",
+                         field=name, value=value, allowed=allowed)
+
+
+def _check(source: str, name: str, value: Any, integer: bool, bound: int | float | None = None) -> None:
+    """`value` within LIMITS[name] (None where the limit allows null), else a BEMConfigError."""
+    limit = LIMITS[name]
+    if value is None and limit.null:
+        return
+    if not limit.allows(value, bound) or (integer and not _is_int(value)):
+        _fail(source, name, value, limit.text(integer, bound))
 
 
 @dataclass
@@ -85,24 +174,34 @@ class BEMConfig:
     """Where this config came from (file name), used in error messages only."""
 
     def __post_init__(self) -> None:
+        src = self.source
         for name in ("sites", "head_gate_sites", "kron_sites"):
             value = getattr(self, name)
-            setattr(self, name, (value,) if isinstance(value, str) else tuple(value))
+            names = (value,) if isinstance(value, str) else value
+            if (not isinstance(names, (list, tuple)) or not all(isinstance(s, str) and s for s in names)
+                    or (name == "sites" and not names)):
+                _fail(src, name, value, RULES[name])
+            setattr(self, name, tuple(names))
+        if not isinstance(self.gate_features, (list, tuple)):
+            _fail(src, "gate_features", self.gate_features, RULES["gate_features"])
         self.gate_features = tuple(self.gate_features)
-        if self.kron_factor is not None and not isinstance(self.kron_factor, (str, int)):
+        if self.kron_factor is not None:
+            if (not isinstance(self.kron_factor, (list, tuple)) or len(self.kron_factor) != 2
+                    or not all(_is_int(v) and LIMITS["kron_factor"].allows(v) for v in self.kron_factor)):
+                _fail(src, "kron_factor", self.kron_factor, RULES["kron_factor"])
             self.kron_factor = tuple(self.kron_factor)
         if self.layers is not None:
-            self.layers = tuple(int(i) for i in self.layers)
+            if not isinstance(self.layers, (list, tuple)):
+                _fail(src, "layers", self.layers, RULES["layers"])
+            self.layers = tuple(self.layers)
         self.validate()
 
     def validate(self) -> None:
         src = self.source
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            _fail(src, "rank", self.rank, "an integer >= 1")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            _fail(src, "alpha", self.alpha, "a number > 0")
+        _check(src, "rank", self.rank, integer=True)
+        _check(src, "alpha", self.alpha, integer=False)
         if not self.sites or not all(isinstance(s, str) and s for s in self.sites):
-            _fail(src, "sites", self.sites, "a non-empty list of layer-name suffixes such as ['o_proj', 'down_proj']")
+            _fail(src, "sites", self.sites, RULES["sites"])
         if self.controller not in CONTROLLERS:
             _fail(src, "controller", self.controller, f"one of {CONTROLLERS}")
         if self.prefix_scope not in PREFIX_SCOPES:
@@ -110,56 +209,39 @@ class BEMConfig:
         if self.controller == "prefix" and self.prefix_scope == "chunk":
             _fail(src, "prefix_scope", self.prefix_scope,
                   "'prompt' when controller='prefix' (chunked prompts need controller='chunk')")
-        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
-            _fail(src, "chunk_size", self.chunk_size, "an integer >= 1")
-        if not isinstance(self.hysteresis_tau, (int, float)) or self.hysteresis_tau < 0:
-            _fail(src, "hysteresis_tau", self.hysteresis_tau, "a number >= 0")
-        if not isinstance(self.read_layer, int) or self.read_layer < 0:
-            _fail(src, "read_layer", self.read_layer, "an integer >= 0 (0 = token embeddings)")
-        if not isinstance(self.side_dim, int) or self.side_dim < 0:
-            _fail(src, "side_dim", self.side_dim, "an integer >= 0")
-        if not isinstance(self.controller_hidden, int) or self.controller_hidden < 1:
-            _fail(src, "controller_hidden", self.controller_hidden, "an integer >= 1")
-        for name in ("tau_sigma", "tau_fro"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-                _fail(src, name, value, "a number > 0, or null to switch it off")
-        if self.layers is not None and (not self.layers or min(self.layers) < 0):
-            _fail(src, "layers", self.layers, "null or a non-empty list of block indices >= 0")
+        for name in ("chunk_size", "read_layer", "side_dim", "controller_hidden"):
+            _check(src, name, getattr(self, name), integer=True)
+        for name in ("hysteresis_tau", "tau_sigma", "tau_fro"):
+            _check(src, name, getattr(self, name), integer=False)
+        if self.layers is not None and (
+                not self.layers or not all(_is_int(i) and LIMITS["layers"].allows(i) for i in self.layers)
+                or len(set(self.layers)) != len(self.layers)):
+            _fail(src, "layers", list(self.layers), RULES["layers"])
         self._validate_variants()
 
     def _validate_variants(self) -> None:
         src, routed = self.source, self.controller != "static"
+        for name in ("head_groups", "kron_terms", "film"):
+            _check(src, name, getattr(self, name), integer=True)
+        _check(src, "dynamic_rank", self.dynamic_rank, integer=True, bound=self.rank)
+        for name in ("film_gamma_max", "film_beta_max"):
+            _check(src, name, getattr(self, name), integer=False)
+        if (not all(_is_int(i) and 0 <= i < self.side_dim for i in self.gate_features)
+                or len(set(self.gate_features)) != len(self.gate_features)):
+            _fail(src, "gate_features", list(self.gate_features), f"{RULES['gate_features']} (side_dim = {self.side_dim})")
         needs_controller = {"head_groups": self.head_groups > 0, "dynamic_rank": self.dynamic_rank is not None,
                             "gate_features": bool(self.gate_features), "film": self.film > 0}
         for name, used in needs_controller.items():
             if used and not routed:
                 _fail(src, name, getattr(self, name), "its default when controller='static' (this variant is "
                       "driven by the controller)")
-        if not _is_int(self.head_groups) or self.head_groups < 0:
-            _fail(src, "head_groups", self.head_groups, "an integer >= 0 (0 = off)")
-        if self.dynamic_rank is not None and (not _is_int(self.dynamic_rank) or not 1 <= self.dynamic_rank <= self.rank):
-            _fail(src, "dynamic_rank", self.dynamic_rank, f"null or an integer k with 1 <= k <= rank ({self.rank})")
-        if self.gate_features:
-            if self.head_groups == 0:
-                _fail(src, "gate_features", list(self.gate_features), "[] unless head_groups > 0 (V2 shapes PT1's gates)")
-            if not all(_is_int(i) and 0 <= i < self.side_dim for i in self.gate_features):
-                _fail(src, "gate_features", list(self.gate_features),
-                      f"indices into the side vector, each in 0..{self.side_dim - 1} (side_dim = {self.side_dim})")
+        if self.gate_features and self.head_groups == 0:
+            _fail(src, "gate_features", list(self.gate_features), "[] unless head_groups > 0 (V2 shapes PT1's gates)")
         if self.kron_sites:
-            if self.kron_factor is None or len(self.kron_factor) != 2 or not all(_is_int(v) and v >= 1 for v in self.kron_factor):
-                _fail(src, "kron_factor", self.kron_factor, "[rows, columns] of each A factor, two integers >= 1, "
-                      "when kron_sites is set")
+            if self.kron_factor is None:
+                _fail(src, "kron_factor", self.kron_factor, RULES["kron_factor"])
             if self.tau_sigma is not None:
                 _fail(src, "tau_sigma", self.tau_sigma, "null when kron_sites is set (Kronecker sites support tau_fro only)")
-        if self.kron_terms is not None and (not _is_int(self.kron_terms) or self.kron_terms < 1):
-            _fail(src, "kron_terms", self.kron_terms, "null or an integer >= 1")
-        if not _is_int(self.film) or self.film < 0:
-            _fail(src, "film", self.film, "an integer >= 0 (number of channel groups; 0 = off)")
-        for name in ("film_gamma_max", "film_beta_max"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
-                _fail(src, name, value, "a number > 0")
 
     @property
     def kron_width(self) -> int:
@@ -185,7 +267,7 @@ class BEMConfig:
         if not isinstance(data, dict):
             raise BEMConfigError(f"{source or 'BEMConfig'}: expected a mapping of options, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)} - {"source"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             where = f"{source}: " if source else ""
             raise BEMConfigError(f"{where}unknown BEMConfig field(s) {unknown}; allowed fields: {sorted(known)}")

@@ -11,7 +11,6 @@ import torch
 from tqdm.auto import tqdm
 
 from bem.data.batches import prompt_ids
-from bem.data.prepare import data_root
 from bem.tasks import SPECS, dumps, load_items, side_vectors
 
 log = logging.getLogger(__name__)
@@ -111,12 +110,14 @@ def zero_shot(model_name: str, tasks: list[str], n: int, out: Path, batch_size: 
     """Score the frozen base model on each task; finished tasks are kept and skipped on a rerun."""
     from bem.models import load_base
 
+    from bem.data.prepare import data_fingerprints
+
+    fingerprints = data_fingerprints(tasks)  # checks every file against the manifest's sha256, as `bem run` does
     out.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((data_root() / "manifest.json").read_text())
     model, tokenizer = load_base(model_name)
     summaries = {}
     for task in tasks:
-        fingerprint = manifest["tasks"][task]["fingerprint"]
+        fingerprint = fingerprints[task]
         done = out / f"{task}.summary.json"
         if done.is_file():
             summary = json.loads(done.read_text())

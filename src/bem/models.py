@@ -84,6 +84,11 @@ def _dequantise(name: str) -> Path:
     return target
 
 
+def known_base(name_or_path: str) -> bool:
+    """Whether `load_base` takes this name without the network: an embedded name or a local folder holding config.json."""
+    return name_or_path in EMBEDDED or (Path(name_or_path) / "config.json").is_file()
+
+
 def load_base(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for an embedded model name or a local Hugging Face causal-LM folder."""
@@ -91,7 +96,7 @@ def load_base(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.floa
         path = embedded_path(name_or_path)
     else:
         path = Path(name_or_path)
-        if not (path / "config.json").is_file():
+        if not known_base(name_or_path):
             raise FileNotFoundError(f"base model '{name_or_path}' is neither an embedded name "
                                     f"({', '.join(EMBEDDED)}) nor a local Hugging Face folder with config.json")
     tokenizer = AutoTokenizer.from_pretrained(path)

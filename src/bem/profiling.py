@@ -292,15 +292,17 @@ def profiled_model(config: ExperimentConfig, run_dir=None, data_root=None):
     this config, else fresh modules labelled 'untrained'."""
     from pathlib import Path
 
-    from bem.experiments.adapters import load_trained
-    from bem.experiments.results import ResultsDB
+    from bem.experiments.adapters import load_trained, unit_data
+    from bem.experiments.results import read_only_copy
 
     if run_dir is not None and (Path(run_dir) / "results.sqlite").is_file():
-        db = ResultsDB(Path(run_dir) / "results.sqlite")
+        conn = read_only_copy(Path(run_dir) / "results.sqlite")
         try:
-            seeds = db.finished_seeds(config.name, config.config_hash())
+            seeds = [s for (s,) in conn.execute(
+                "SELECT seed FROM units WHERE experiment=? AND config_hash=? AND data_fingerprint IS ? ORDER BY seed",
+                (config.name, config.config_hash(), unit_data(config, data_root)))]
         finally:
-            db.close()
+            conn.close()
         if seeds:
             model, _ = load_trained(config, seeds[0], Path(run_dir), data_root)
             return model, "trained", seeds[0]

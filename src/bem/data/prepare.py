@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bem.data import bible, safety, vqa, wordnet, wordnet_qa
+from bem.errors import DataError
 from bem.metrics import normalize_answer
 from bem.models import cache_dir
 
@@ -194,7 +195,7 @@ def prepare(tasks: list[str] | None = None, root: Path | None = None) -> dict:
     names = list(TASKS) if tasks is None else tasks
     unknown = [n for n in names if n not in TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
+        raise DataError(f"unknown task(s) {unknown}; expected some of {sorted(TASKS)}")
     root.mkdir(parents=True, exist_ok=True)
     manifest_path = root / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"tasks": {}}
@@ -219,6 +220,9 @@ def prepare(tasks: list[str] | None = None, root: Path | None = None) -> dict:
             log.info("%s: up to date (fingerprint %s), nothing to do", name, fingerprint)
             manifest["tasks"][name]["status"] = "up to date"
             continue
+        entry = manifest["tasks"].get(name)
+        if entry and entry.get("fingerprint") == fingerprint:
+            log.warning("%s: its files do not match the manifest's sha256 (changed by hand?); rebuilding", name)
         start = time.perf_counter()
         entry = _write_task(root, task, task.build())
         entry.update(fingerprint=fingerprint, sources=sources, builder_version=task.version,
@@ -226,21 +230,74 @@ def prepare(tasks: list[str] | None = None, root: Path | None = None) -> dict:
         manifest["tasks"][name] = entry
         log.info("%s: built %s in %.1f s", name, entry["counts"], entry["seconds"])
         _write_manifest(manifest_path, manifest)  # after each task: finished work survives a crash
-    _write_manifest(manifest_path, manifest)
-    return manifest
+    return manifest  # written only when a task was built: a read-only, up-to-date data folder serves every run
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
+    """The manifest without the per-call `status` (what this call did), written atomically."""
+    stored = {**manifest, "tasks": {name: {k: v for k, v in entry.items() if k != "status"}
+                                    for name, entry in manifest["tasks"].items()}}
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(stored, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def record_task(task: str, root: Path, fingerprint: str) -> dict:
+    """Enter files written by hand at ROOT/<task>/ (tests, a user's own split) into the manifest under `fingerprint`,
+    with their counts and sha256, so runs verify and identify them like a built task."""
+    root = Path(root)
+    path = root / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {"tasks": {}, "data_version": DATA_VERSION}
+    files = {f"{task}/{f.name}": _sha256(f) for f in sorted((root / task).iterdir()) if f.is_file()}
+    counts = {s: sum(1 for _ in (root / task / f"{s}.jsonl").open(encoding="utf-8"))
+              for s in SPLITS if (root / task / f"{s}.jsonl").is_file()}
+    manifest["tasks"][task] = {"fingerprint": fingerprint, "files": files, "counts": counts, "sources": {}}
+    _write_manifest(path, manifest)
+    return manifest["tasks"][task]
+
+
+def read_manifest(root: Path | None = None) -> dict:
+    root = Path(root) if root is not None else data_root()
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{path} is missing: the task data is not prepared there", hint="run `bem data prepare`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path} is not a valid manifest ({err})", hint="run `bem data prepare` to rebuild it") from None
+
+
+def data_fingerprints(tasks: list[str], root: Path | None = None, verify: bool = True) -> dict[str, str]:
+    """{task: fingerprint} of the prepared data the tasks are read from; with `verify`, every file of each task is
+    checked against the manifest's sha256 first (a hand-edited or damaged split is an error, never scored). The
+    fingerprint is part of each result unit's identity (bem.experiments.results)."""
+    root = Path(root) if root is not None else data_root()
+    manifest = read_manifest(root)
+    out = {}
+    for task in tasks:
+        entry = manifest.get("tasks", {}).get(task)
+        if not entry or "fingerprint" not in entry:
+            raise DataError(f"{root / 'manifest.json'}: task {task} is not prepared there",
+                            hint=f"run `bem data prepare --tasks {task}`")
+        if verify:
+            for name, digest in entry.get("files", {}).items():
+                path = root / name
+                if not path.is_file():
+                    raise DataError(f"{path} is missing (listed in {root / 'manifest.json'})",
+                                    hint=f"run `bem data prepare --tasks {task}` to rebuild it")
+                if _sha256(path) != digest:
+                    raise DataError(f"{path} does not match its sha256 in {root / 'manifest.json'} (changed after "
+                                    "it was built); it is not scored", hint=f"run `bem data prepare --tasks {task}` "
+                                    "to rebuild it")
+        out[task] = entry["fingerprint"]
+    return out
 
 
 def read_split(task: str, split: str, root: Path | None = None) -> list[dict]:
     root = Path(root) if root is not None else data_root()
     path = root / task / f"{split}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; build it with: bem data prepare --tasks {task}")
+        raise DataError(f"{path} is missing", hint=f"build it with: bem data prepare --tasks {task}")
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 

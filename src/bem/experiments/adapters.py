@@ -1,6 +1,6 @@
 """The trained adapter of a finished unit: where it lives, loading it, and restoring it when it is gone.
 
-`bem run` saves each finished unit's modules at `RUN/adapters/<experiment>-<config hash>-s<seed>`. Stored
+`bem run` saves each finished unit's modules at `RUN/adapters/<experiment>-<config hash>-d<data build>-s<seed>`. Stored
 run folders (docs/results/*) commit the database but not the adapters, so a command that needs the trained
 modules of such a unit (profiling, index-swap backfills, routing statistics) restores the adapter by training
 the unit again: training is a fixed function of (config, seed) (see training.py), and the restored unit is
@@ -9,36 +9,50 @@ adapter is the one whose scores are in the database.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
-import sqlite3
 from pathlib import Path
 
+from bem.errors import BEMError
 from bem.experiments.config import ExperimentConfig
+from bem.experiments.results import data_key, read_only_copy
 
 log = logging.getLogger(__name__)
 
 CURVE_TOLERANCE = 1e-4  # relative, per step: fp32 training on the same code and data repeats to ~1e-7
 
 
-class AdapterMismatch(RuntimeError):
+class AdapterMismatch(BEMError, RuntimeError):
     """A restored adapter's training curve differs from the stored one: it is not the unit that was scored."""
 
 
-def unit_name(config: ExperimentConfig, seed: int) -> str:
-    return f"{config.name}-{config.config_hash()}-s{seed}"
+def unit_data(config: ExperimentConfig, data_root: Path | None = None, verify: bool = False) -> str:
+    """The data build of the config's tasks as stored with its units (bem.experiments.results.data_key)."""
+    from bem.data.prepare import data_fingerprints
+
+    return data_key(data_fingerprints(config.tasks, data_root, verify=verify))
 
 
-def adapter_dir(out: Path, config: ExperimentConfig, seed: int) -> Path:
-    return Path(out) / "adapters" / unit_name(config, seed)
+def unit_name(config: ExperimentConfig, seed: int, data_root: Path | None = None) -> str:
+    """<experiment>-<config hash>-d<8 hex digits of the data build>-s<seed>: the folder name of a unit's checkpoints
+    and adapter; units of the same config on different data builds never share one."""
+    tag = hashlib.sha256(unit_data(config, data_root).encode()).hexdigest()[:8]
+    return f"{config.name}-{config.config_hash()}-d{tag}-s{seed}"
 
 
-def stored_curve(db_path: Path, config: ExperimentConfig, seed: int) -> list[tuple[int, float]] | None:
+def adapter_dir(out: Path, config: ExperimentConfig, seed: int, data_root: Path | None = None) -> Path:
+    return Path(out) / "adapters" / unit_name(config, seed, data_root)
+
+
+def stored_curve(db_path: Path, config: ExperimentConfig, seed: int,
+                 data_root: Path | None = None) -> list[tuple[int, float]] | None:
     """(step, loss) of the finished unit, or None when the database holds no such unit."""
-    conn = sqlite3.connect(db_path)
+    conn = read_only_copy(db_path)
     try:
-        row = conn.execute("SELECT id FROM units WHERE experiment=? AND config_hash=? AND seed=?",
-                           (config.name, config.config_hash(), seed)).fetchone()
+        row = conn.execute("SELECT id FROM units WHERE experiment=? AND config_hash=? AND seed=? AND "
+                           "data_fingerprint IS ?", (config.name, config.config_hash(), seed,
+                                                     unit_data(config, data_root))).fetchone()
         if row is None:
             return None
         return conn.execute("SELECT step, loss FROM curves WHERE unit_id=? ORDER BY step", (row[0],)).fetchall()
@@ -52,24 +66,24 @@ def restore_adapter(config: ExperimentConfig, seed: int, out: Path, data_root: P
     from bem.experiments.training import train_unit
 
     out = Path(out)
-    curve = stored_curve(out / "results.sqlite", config, seed)
+    curve = stored_curve(out / "results.sqlite", config, seed, data_root)
     if curve is None:
-        raise FileNotFoundError(f"{out / 'results.sqlite'}: no finished unit {unit_name(config, seed)} to restore; "
+        raise FileNotFoundError(f"{out / 'results.sqlite'}: no finished unit {unit_name(config, seed, data_root)} to restore; "
                                 f"run `bem run --out {out}` to train it")
-    scratch = out / "checkpoints" / f"restore-{unit_name(config, seed)}"
+    scratch = out / "checkpoints" / f"restore-{unit_name(config, seed, data_root)}"
     log.info("%s seed %d: adapter not in %s, training it again to restore it", config.name, seed, out / "adapters")
     unit = train_unit(config, seed, scratch, data_root)
     got = [(row["step"], row["loss"]) for row in unit.curve]
     if [s for s, _ in got] != [s for s, _ in curve]:
-        raise AdapterMismatch(f"{unit_name(config, seed)}: the restored run has steps {len(got)} but the stored "
+        raise AdapterMismatch(f"{unit_name(config, seed, data_root)}: the restored run has steps {len(got)} but the stored "
                               f"unit has {len(curve)}")
     worst = max((abs(a - b) / max(abs(b), 1e-12) for (_, a), (_, b) in zip(got, curve)), default=0.0)
     if worst > CURVE_TOLERANCE:
-        raise AdapterMismatch(f"{unit_name(config, seed)}: restored training loss differs from the stored curve by "
+        raise AdapterMismatch(f"{unit_name(config, seed, data_root)}: restored training loss differs from the stored curve by "
                               f"{worst:.2e} (relative, allowed {CURVE_TOLERANCE:.0e}); the adapter would not be the "
                               "one that was scored, so it is not saved")
     log.info("%s seed %d: restored, curve equal to the stored one within %.1e", config.name, seed, worst)
-    target = adapter_dir(out, config, seed)
+    target = adapter_dir(out, config, seed, data_root)
     save_bem(unit.model, target)
     shutil.rmtree(scratch, ignore_errors=True)
     return target
@@ -82,10 +96,10 @@ def load_trained(config: ExperimentConfig, seed: int, out: Path, data_root: Path
     from bem import load_bem
     from bem.models import load_base
 
-    directory = adapter_dir(out, config, seed)
+    directory = adapter_dir(out, config, seed, data_root)
     if not (directory / "bem_weights.safetensors").is_file():
         if not restore:
-            raise FileNotFoundError(f"{directory}: no saved adapter for {unit_name(config, seed)}")
+            raise FileNotFoundError(f"{directory}: no saved adapter for {unit_name(config, seed, data_root)}")
         restore_adapter(config, seed, out, data_root)
     model, tokenizer = load_base(config.model)
     load_bem(model, directory)

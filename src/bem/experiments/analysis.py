@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from bem.errors import DataError
 from bem.stats import benjamini_hochberg, cohens_dz, hierarchical_test, paired_bca_family, permutation_pvalues
 from bem.tasks import SPECS
 
@@ -48,9 +48,9 @@ class Verdict:
 def _units(conn) -> dict[str, dict]:
     """Per experiment: its latest config hash, config and seeds."""
     out = {}
-    for experiment, config_hash, config_json in conn.execute(
-            "SELECT u.experiment, u.config_hash, c.json FROM units u JOIN configs c ON c.hash = u.config_hash "
-            "GROUP BY u.experiment HAVING u.finished = MAX(u.finished) ORDER BY u.experiment"):
+    for experiment, config_hash, config_json, data in conn.execute(
+            "SELECT u.experiment, u.config_hash, c.json, u.data_fingerprint FROM units u JOIN configs c ON "
+            "c.hash = u.config_hash GROUP BY u.experiment HAVING u.finished = MAX(u.finished) ORDER BY u.experiment"):
         seeds = [s for (s,) in conn.execute("SELECT seed FROM units WHERE experiment=? AND config_hash=? ORDER BY seed",
                                             (experiment, config_hash))]
         profile: dict[str, dict[str, float]] = {}  # device -> metric -> value
@@ -65,7 +65,8 @@ def _units(conn) -> dict[str, dict]:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE name='profile_units'").fetchone():
             profiled = dict(conn.execute("SELECT device, status FROM profile_units WHERE experiment=? AND config_hash=?",
                                          (experiment, config_hash)).fetchall())
-        out[experiment] = {"hash": config_hash, "config": json.loads(config_json), "seeds": seeds, "profile": profile,
+        out[experiment] = {"hash": config_hash, "data": json.loads(data) if data else None,
+                           "config": json.loads(config_json), "seeds": seeds, "profile": profile,
                            "ratios": ratios, "profiled": profiled}
     return out
 
@@ -96,18 +97,21 @@ def compare(db_path: Path, n_resamples: int = 10_000,
     seeds paired across the two systems when both ran the same seeds, since a seed fixes data order and
     initialisation). The p of each comparison agrees with its interval and is the one BH and the verdict use;
     the sign-flip permutation p of the per-item means is kept beside it as `p_signflip`."""
-    from bem.experiments.results import ResultsDB
+    from bem.experiments.results import open_for_analysis
 
-    ResultsDB(db_path).close()  # brings an older database's schema up to date
-    conn = sqlite3.connect(db_path)
+    conn = open_for_analysis(db_path)
     units = _units(conn)
     slice_a = {(t, i) for t, i in conn.execute("SELECT task, item_id FROM item_meta WHERE key='slice_a' AND value=1")}
     comparisons = []
-    pairs = []
+    pairs, apart = [], {}
     for name, unit in units.items():
         for versus in dict.fromkeys([unit["config"]["anchor"], BASELINE]):
             if versus and versus != name and versus in units:
-                pairs.append((name, versus))
+                differ = _different_builds(units[name], units[versus])
+                if differ:
+                    apart[(name, versus)] = differ
+                else:
+                    pairs.append((name, versus))
     rows = []  # (name, versus, task, slice, metric, ids, a, b, sign, (A, B) seeds × items or None)
     for name, versus in pairs:
         for task in units[name]["config"]["tasks"]:
@@ -156,8 +160,19 @@ def compare(db_path: Path, n_resamples: int = 10_000,
         c.p_bh = float(p)
     verdicts = [_verdict(name, versus, [c for c in comparisons if (c.experiment, c.versus) == (name, versus)], units)
                 for name, versus in pairs]
+    verdicts += [Verdict(name, versus, "no verdict", [
+        f"not compared: trained and scored on different data builds ({'; '.join(differ)}); scores of different data "
+        f"are never paired — run `bem run` on this folder so both have units on the current build"])
+        for (name, versus), differ in apart.items()]
     conn.close()
     return comparisons, verdicts, units
+
+
+def _different_builds(ours: dict, theirs: dict) -> list[str]:
+    """Tasks both experiments score whose data builds differ ('unknown' for units stored before builds were)."""
+    a, b = ours.get("data") or {}, theirs.get("data") or {}
+    shared = [t for t in ours["config"]["tasks"] if t in theirs["config"]["tasks"]]
+    return [f"{t} {a.get(t, 'unknown')} vs {b.get(t, 'unknown')}" for t in shared if a.get(t) != b.get(t)]
 
 
 CORPUS_METRICS = {"bible_translate": ("corpus_chrf", "corpus_bleu")}  # tasks with corpus-level metrics
@@ -173,7 +188,7 @@ def _references(conn, task: str, ids: list[str]) -> dict[str, str]:
 
         try:
             items = {it["id"]: it for split in ("test", "dev") for it in read_split(task, split)}
-        except (FileNotFoundError, OSError):
+        except (OSError, DataError):  # no prepared data here: the comparison uses the stored references only
             return refs
         found = [(task, i, SPECS[task].reference(items[i])) for i in missing if i in items]
         with conn:
@@ -256,6 +271,7 @@ def _verdict(name: str, versus: str, comps: list[Comparison], units: dict) -> Ve
     from bem.config import BEMConfig
 
     reasons, too_small = [], False
+    alpha = units[name]["config"]["gates"].get("alpha", 0.05)  # gates.alpha: the Benjamini–Hochberg level
     for c in (c for c in comps if c.slice == "B" and c.metric == SPECS[c.task].primary):
         if c.n < MIN_ITEMS:
             too_small = True
@@ -263,9 +279,9 @@ def _verdict(name: str, versus: str, comps: list[Comparison], units: dict) -> Ve
             continue
         if not c.low > 0:
             reasons.append(f"{c.task} {c.metric}: BCa 95% CI lower bound {c.low:+.4f} is not > 0")
-        if not c.p_bh < 0.05:
-            reasons.append(f"{c.task} {c.metric}: BH-adjusted p = {c.p_bh:.3g} is not < 0.05")
-    reasons += guard_reasons(comps)
+        if not c.p_bh < alpha:
+            reasons.append(f"{c.task} {c.metric}: BH-adjusted p = {c.p_bh:.3g} is not < {alpha:g} (gates.alpha)")
+    reasons += guard_reasons(comps, alpha)
     config = units[name]["config"]
     gates = config["gates"]
     ours = budget(config["model"], BEMConfig.from_dict(config["bem"]))
@@ -324,17 +340,26 @@ def _gate_reasons(units: dict, name: str, versus: str, gates: dict) -> list[str]
 
 def analyze(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = False) -> dict:
     """Comparisons and verdicts; the verdicts are also stored in the database (replacing earlier ones)."""
+    from bem.experiments.results import ResultsDB, writable
+
     db_path = Path(run_dir) / "results.sqlite"
     comparisons, verdicts, units = compare(db_path, n_resamples, hierarchical)
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("DELETE FROM verdicts")
-        conn.executemany("INSERT INTO verdicts VALUES (?, ?, ?, ?, ?, ?)",
-                         [(v.experiment, units[v.experiment]["hash"], v.versus, v.verdict, json.dumps(v.reasons),
-                           json.dumps([asdict(c) for c in comparisons if (c.experiment, c.versus) == (v.experiment, v.versus)]))
-                          for v in verdicts])
+    stored = writable(db_path)  # a read-only (archived) database is analysed all the same; verdicts are not stored
+    if stored:
+        db = ResultsDB(db_path, create=False)
+        try:
+            with db.conn:
+                db.conn.execute("DELETE FROM verdicts")
+                db.conn.executemany("INSERT INTO verdicts VALUES (?, ?, ?, ?, ?, ?)", [
+                    (v.experiment, units[v.experiment]["hash"], v.versus, v.verdict, json.dumps(v.reasons),
+                     json.dumps([asdict(c) for c in comparisons if (c.experiment, c.versus) == (v.experiment, v.versus)]))
+                    for v in verdicts])
+        finally:
+            db.close()
     from bem.experiments import index_swap  # index swap (SPEC §6): bem/experiments/index_swap.py
 
     index_swap_result = index_swap.analyze(db_path, n_resamples)
-    return {"index_swap": index_swap_result, "method": "seed × item percentile bootstrap (seeds paired where both ran the same)" if hierarchical else "BCa of per-item means over seeds",
-            "units": {k: {"config_hash": v["hash"], "seeds": v["seeds"], "config": v["config"]} for k, v in units.items()},
+    return {"index_swap": index_swap_result, "verdicts_stored": stored, "method": "seed × item percentile bootstrap (seeds paired where both ran the same)" if hierarchical else "BCa of per-item means over seeds",
+            "units": {k: {"config_hash": v["hash"], "data": v["data"], "seeds": v["seeds"], "config": v["config"]}
+                      for k, v in units.items()},
             "comparisons": [asdict(c) for c in comparisons], "verdicts": [asdict(v) for v in verdicts]}

@@ -1,13 +1,16 @@
 """Experiment configs: YAML files under `experiments/`, with `base:` inheritance, loaded into typed objects.
 
 Every error names the file, the field (as a dotted path), the bad value and what is allowed; an unknown
-key is an error, never ignored.
+key is an error, never ignored. The allowed ranges are `LIMITS`, the other rules `RULES`; docs/configuration.md
+is `schema_markdown()`.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,17 +19,63 @@ from typing import Any, Literal
 
 import yaml
 
-from bem.config import BEMConfig, BEMConfigError
-
-import os
+from bem.config import LIMITS as BEM_LIMITS
+from bem.config import RULES as BEM_RULES
+from bem.config import BEMConfig, BEMConfigError, Limit
+from bem.errors import BEMError
 
 # $BEM_EXPERIMENTS, else the repository's experiments/ folder
 EXPERIMENTS_DIR = Path(os.environ.get("BEM_EXPERIMENTS") or Path(__file__).resolve().parents[3] / "experiments")
 TASK_NAMES = ("wordnet_qa", "bible_translate", "wordnet_define", "json_format", "easy_vqa", "safety")
+MAX_SEEDS = 100
+"""Most seeds (units) one experiment may list."""
 
 
-class ConfigError(ValueError):
+class ConfigError(BEMError, ValueError):
     """A config file has a field that is missing, unknown or of a value that is not allowed."""
+
+
+LIMITS: dict[str, Limit] = {
+    "seeds": Limit(0, 2**31 - 1, "random seed of one unit"),
+    "training.steps": Limit(1, 1_000_000, "optimizer steps"),
+    "training.batch_size": Limit(1, 4096, "examples per micro-batch"),
+    "training.grad_accum": Limit(1, 1024, "micro-batches per optimizer step"),
+    "training.lr": Limit(0, 1, "peak learning rate of AdamW", low_open=True),
+    "training.controller_lr": Limit(0, 1, "peak learning rate of the controller's parameters", low_open=True,
+                                    null="the controller trains at training.lr"),
+    "training.weight_decay": Limit(0, 1, "AdamW weight decay"),
+    "training.warmup_steps": Limit(0, "training.steps", "optimizer steps of linear warm-up"),
+    "training.max_grad_norm": Limit(0, 10_000, "global L2 norm gradients are clipped to", low_open=True),
+    "training.checkpoint_every": Limit(1, 1_000_000, "optimizer steps between resumable checkpoints"),
+    "training.max_length": Limit(8, 32768, "tokens per training example, prompt + target"),
+    "training.train_items": Limit(1, 10_000_000, "training items per task"),
+    "evaluation.items": Limit(1, 100_000, "test items per task"),
+    "evaluation.batch_size": Limit(1, 4096, "prompts per generation batch"),
+    "evaluation.swap_seeds": Limit(1, MAX_SEEDS, "first seeds also evaluated under the index-swap conditions",
+                                   null="every seed"),
+    "gates.latency_ratio": Limit(1, 10, "decode p50 latency allowed, × the anchor's"),
+    "gates.memory_ratio": Limit(1, 10, "peak memory allowed, × the anchor's"),
+    "gates.parity_tolerance": Limit(0, 0.25, "largest |ratio − 1| of added parameters and FLOPs/token to the anchor's"),
+    "gates.alpha": Limit(0, 0.5, "Benjamini–Hochberg false discovery rate", low_open=True),
+    **{f"bem.{name}": limit._replace(high=f"bem.{limit.high}") if isinstance(limit.high, str) else limit
+       for name, limit in BEM_LIMITS.items()},
+}
+"""Allowed range of every numeric field (of each element, for lists), by dotted name: (low, high, meaning,
+low excluded?, what null means). `high` may name the field that bounds it. Numbers must be finite and never
+true/false."""
+
+RULES: dict[str, str] = {
+    "name": "the file name without .yaml (may be left out)",
+    "description": "any text (not part of the config hash)",
+    "model": "an embedded model name (bem.models.EMBEDDED) or a local Hugging Face folder holding config.json "
+             "(a relative path is read from the working directory); never downloaded",
+    "tasks": f"a non-empty list of distinct task names from {TASK_NAMES}",
+    "seeds": f"a list of 1..{MAX_SEEDS} distinct integers, each in {LIMITS['seeds'].interval()}",
+    "anchor": "null (this is a baseline) or the name of another experiment of the same folder",
+    "parity_with": "null (the anchor) or the name of another experiment of the same folder",
+    **{f"bem.{name}": text for name, text in BEM_RULES.items()},
+}
+"""What is allowed for the fields that are not numbers (nor a fixed set of values), in words."""
 
 
 @dataclass
@@ -50,6 +99,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping (global L2 norm)."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    """Training precision: fp32, or bf16 autocast with fp32 module weights."""
     checkpoint_every: int = 50
     """Save a resumable checkpoint every N optimizer steps (and at the end)."""
     max_length: int = 256
@@ -64,6 +114,7 @@ class EvalConfig:
     """Test items per task."""
     batch_size: int = 16
     split: Literal["test", "dev"] = "test"
+    """Split the items are drawn from."""
     swap_seeds: int | None = None
     """Evaluate the index-swap conditions (SPEC §6) for the first N seeds of the experiment only (null: every seed).
     Not part of the config hash: it changes no clean score, only how many units also get the swapped conditions."""
@@ -85,13 +136,16 @@ class ExperimentConfig:
     name: str
     """Unique name; the file name without .yaml."""
     description: str = ""
+    """Free text, shown by `bem list --json`."""
     model: str = "smollm2-135m"
     """Embedded model name or a local Hugging Face folder."""
     bem: BEMConfig = field(default_factory=BEMConfig)
     tasks: list[str] = field(default_factory=lambda: ["wordnet_qa", "bible_translate"])
+    """Tasks trained on together and evaluated one by one."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """One unit (training run and evaluation) per seed."""
     anchor: str | None = None
     """Experiment every verdict compares against (None: this is a baseline; experiments/_defaults.yaml sets S1_anchor)."""
     parity_with: str | None = None
@@ -129,11 +183,14 @@ HASH_EXCLUDED = (("evaluation", "swap_seeds"),)
 
 
 # --- loading ----------------------------------------------------------------------------------------
+_UNIONS = (types.UnionType, typing.Union)
+
+
 def _describe(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (types.UnionType, typing.Union):
+    if origin in _UNIONS:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
@@ -142,14 +199,50 @@ def _describe(tp) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}.get(tp, str(tp))
 
 
+def _key(where: str) -> str:
+    """The LIMITS/RULES key of a dotted field: list elements (`seeds[2]`) share their list's."""
+    return re.sub(r"\[\d+\]$", "", where)
+
+
+def _allowed(tp, where: str) -> str:
+    """What `where` (of type `tp`) allows, in words: its limit, its rule, or its type."""
+    limit, origin = LIMITS.get(_key(where)), typing.get_origin(tp)
+    if origin in _UNIONS:
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if limit is not None and options in ([int], [float]):
+            return limit.text(options == [int])
+        if where in RULES:
+            return RULES[where]
+        return " or ".join(_allowed(a, where) for a in options) + " or null"
+    if limit is not None and tp in (int, float):
+        return limit.text(tp is int)
+    if where in RULES:
+        return RULES[where]
+    return _describe(tp)
+
+
+def _numeric_text(tp, value) -> str:
+    """A hint for a number YAML read as text (YAML 1.1 reads 1e-3 and 1.0e5 as strings, 1.0e-3 and 1.0e+5 as numbers)."""
+    if not isinstance(value, str) or not {int, float} & {tp, *typing.get_args(tp)}:
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return " (YAML reads this as text: write numbers unquoted, an exponent with a dot and a sign, e.g. 1.0e-3, 1.0e+5)"
+
+
 def _convert(tp, value, where: str, source: str):
     def fail():
-        raise ConfigError(f"{source}: {where} = {value!r} is not allowed; expected {_describe(tp)}")
+        raise ConfigError(f"{source}: {where} = {value!r} is not allowed; expected {_allowed(tp, where)}"
+                          + _numeric_text(tp, value))
 
     origin = typing.get_origin(tp)
     if origin is Literal:
         return value if value in typing.get_args(tp) else fail()
-    if origin in (types.UnionType, typing.Union):
+    if origin in _UNIONS:
+        if value is None and type(None) in typing.get_args(tp):
+            return None
         for option in typing.get_args(tp):
             try:
                 return _convert(option, value, where, source)
@@ -161,25 +254,37 @@ def _convert(tp, value, where: str, source: str):
             fail()
         return [_convert(typing.get_args(tp)[0], v, f"{where}[{i}]", source) for i, v in enumerate(value)]
     if tp is BEMConfig:
-        if not isinstance(value, dict):
-            fail()
-        try:
-            return BEMConfig.from_dict(value, source=f"{source}: {where}")
-        except BEMConfigError as err:
-            raise ConfigError(str(err)) from None
+        return _bem(value, where, source) if isinstance(value, dict) else fail()
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where, source)
     if tp is type(None):
         return None if value is None else fail()
     if tp is bool:
         return value if isinstance(value, bool) else fail()
-    if tp is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else fail()
-    if tp is float:
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else fail()
+    limit = LIMITS.get(_key(where))
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int if tp is int else (int, float)):
+            fail()
+        if limit is not None and not limit.allows(value):  # a named upper bound is checked by _check
+            fail()
+        return value if tp is int else float(value)
     if tp is str:
         return value if isinstance(value, str) else fail()
     raise TypeError(f"unsupported config type {tp}")
+
+
+def _bem(data: dict, where: str, source: str) -> BEMConfig:
+    """The `bem:` mapping as a BEMConfig; its errors name the file and the dotted field."""
+    names = [f.name for f in dataclasses.fields(BEMConfig) if f.name != "source"]
+    unknown = sorted(set(data) - set(names), key=str)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {[f'{where}.{u}' for u in unknown]}; allowed: {names}")
+    try:
+        return BEMConfig.from_dict(data, source=f"{source}: {where}")
+    except BEMConfigError as err:
+        if err.field is None:
+            raise ConfigError(f"{source}: {where}: {err}") from None
+        raise ConfigError(f"{source}: {where}.{err.field} = {err.value!r} is not allowed; expected {err.allowed}") from None
 
 
 def _build(cls, data, where: str, source: str):
@@ -187,10 +292,10 @@ def _build(cls, data, where: str, source: str):
         raise ConfigError(f"{source}: {where or 'the file'} must be {_describe(cls)}, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names), key=str)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(f"{source}: unknown field(s) {[prefix + u for u in unknown]}; allowed: {names}")
+        raise ConfigError(f"{source}: unknown field(s) {[f'{prefix}{u}' for u in unknown]}; allowed: {names}")
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k, source) for k, v in data.items()}
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
@@ -206,21 +311,68 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    if path in seen:
-        raise ConfigError(f"{path}: base inheritance loops through {[p.name for p in seen]}")
-    if not path.is_file():
-        raise ConfigError(f"{seen[-1] if seen else path}: experiment file {path} does not exist")
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first
+                except TypeError:
+                    continue  # an unhashable key: the base class reports it
+                if seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, first[key])
+                first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _read(path: Path) -> Any:
+    """The YAML document of `path`: UTF-8 text, no key twice in a mapping."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset {err.start}); "
+                          "expected a UTF-8 encoded YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: duplicate key {err.key!r} on line {err.line} (first on line {err.first}); "
+                          "expected each key once per mapping") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def _raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if path.resolve() in [p.resolve() for p in seen]:
+        raise ConfigError(f"{path}: base inheritance loops through {[p.name for p in seen]}")
+    if not path.is_file():
+        if seen:
+            raise ConfigError(f"{seen[-1]}: base = {path.stem!r} is not allowed: experiment file {path} does not exist; "
+                              f"expected one of {sorted(p.stem for p in path.parent.glob('*.yaml'))}")
+        raise ConfigError(f"{path}: experiment file {path} does not exist")
+    data = _read(path)
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; expected a mapping of fields (an experiment needs at least "
+                          "`base: _defaults`)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must hold a mapping of fields, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is None:
         return data
-    if not isinstance(base, str):
+    if not isinstance(base, str) or not base:
         raise ConfigError(f"{path}: base = {base!r} is not allowed; expected the name of another experiment file")
     return _merge(_raw(path.parent / f"{base}.yaml", seen + (path,)), data)
 
@@ -228,20 +380,38 @@ def _raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 def load_experiment(name_or_path: str | Path, directory: Path = EXPERIMENTS_DIR,
                     overlay: str | None = None) -> ExperimentConfig:
     """An experiment by name (experiments/<name>.yaml) or path, with its `base:` chain merged in,
-    then an overlay file of the same folder (e.g. `_quick`) merged on top."""
+    then a preset overlay of the same folder (e.g. `_quick`) merged on top."""
+    return _load(name_or_path, directory, overlay, parity=True)
+
+
+def _load(name_or_path: str | Path, directory: Path, overlay: str | None, parity: bool) -> ExperimentConfig:
     path = Path(name_or_path)
     if path.suffix != ".yaml":
         path = directory / f"{name_or_path}.yaml"
-    data = _raw(path)
+    if path.stem.startswith("_"):
+        raise ConfigError(f"{path}: {path.stem} is a base/preset file (merged into experiments), not an experiment; "
+                          f"expected one of the experiments {list_experiments(path.parent)}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: experiment file {path} does not exist; expected one of the experiments "
+                          f"{list_experiments(path.parent)}")
+    data, source = _raw(path), str(path)
     if overlay is not None:
+        presets = list_presets(path.parent)
+        if not (isinstance(overlay, str) and overlay.startswith("_") and overlay[1:] in presets):
+            raise ConfigError(f"{path}: unknown preset {overlay!r}; expected one of {['_' + p for p in presets]} "
+                              f"(the files _NAME.yaml of {path.parent} except _defaults.yaml)")
         data = _merge(data, _raw(path.parent / f"{overlay}.yaml"))
+        source = f"{path} (preset {overlay[1:]})"
     data.setdefault("name", path.stem)
     if data["name"] != path.stem:
-        raise ConfigError(f"{path}: name = {data['name']!r} must equal the file name {path.stem!r}")
-    config = _build(ExperimentConfig, data, "", str(path))
+        raise ConfigError(f"{source}: name = {data['name']!r} is not allowed; expected the file name {path.stem!r} "
+                          "(or leave it out)")
+    config = _build(ExperimentConfig, data, "", source)
     config.source = str(path)
-    _check(config, str(path))
-    check_parity(config, path.parent)
+    _check(config, source)
+    if parity:
+        _check_references(config, path.parent, source)
+        check_parity(config, path.parent)
     return config
 
 
@@ -263,7 +433,7 @@ def check_parity(config: ExperimentConfig, directory: Path) -> None:
     name = parity_reference(config)
     if name is None:
         return
-    reference = load_experiment(name, directory)
+    reference = _load(name, directory, None, parity=False)  # its own anchor is checked when it is loaded itself
     p_ratio, f_ratio = parity_ratios(config, reference)
     tol = config.gates.parity_tolerance
     if abs(p_ratio - 1) > tol or abs(f_ratio - 1) > tol:
@@ -272,33 +442,51 @@ def check_parity(config: ExperimentConfig, directory: Path) -> None:
                           f"(gates.parity_tolerance = {tol}). Change bem.rank, bem.controller_hidden or the variant's size.")
 
 
+def _check_references(config: ExperimentConfig, directory: Path, source: str) -> None:
+    """`anchor` and `parity_with` name experiments of the same folder."""
+    experiments = list_experiments(directory)
+    for name in ("anchor", "parity_with"):
+        value = getattr(config, name)
+        if value is not None and value not in experiments:
+            raise ConfigError(f"{source}: {name} = {value!r} is not allowed; expected null or one of the experiments "
+                              f"{experiments}")
+
+
+def _value(config: ExperimentConfig, dotted: str) -> Any:
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _check(config: ExperimentConfig, source: str) -> None:
+    """The rules one field's type and range cannot say: lists, names, and fields bounded by other fields."""
+    if not config.tasks or len(set(config.tasks)) != len(config.tasks):
+        twice = sorted({t for t in config.tasks if config.tasks.count(t) > 1})
+        raise ConfigError(f"{source}: tasks = {config.tasks!r} is not allowed; expected {RULES['tasks']}"
+                          + (f" ({', '.join(twice)} listed more than once)" if twice else ""))
     for i, task in enumerate(config.tasks):
         if task not in TASK_NAMES:
             raise ConfigError(f"{source}: tasks[{i}] = {task!r} is not allowed; expected one of {TASK_NAMES}")
-    positive = {"training.steps": config.training.steps, "training.batch_size": config.training.batch_size,
-                "training.grad_accum": config.training.grad_accum, "training.checkpoint_every": config.training.checkpoint_every,
-                "training.max_length": config.training.max_length, "training.train_items": config.training.train_items,
-                "evaluation.items": config.evaluation.items, "evaluation.batch_size": config.evaluation.batch_size}
-    for name, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{source}: {name} = {value!r} is not allowed; expected an integer >= 1")
-    if config.evaluation.swap_seeds is not None and config.evaluation.swap_seeds < 1:
-        raise ConfigError(f"{source}: evaluation.swap_seeds = {config.evaluation.swap_seeds!r} is not allowed; expected "
-                          "an integer >= 1 or null (every seed)")
-    if config.training.lr <= 0:
-        raise ConfigError(f"{source}: training.lr = {config.training.lr!r} is not allowed; expected a number > 0")
+    if not 1 <= len(config.seeds) <= MAX_SEEDS or len(set(config.seeds)) != len(config.seeds):
+        raise ConfigError(f"{source}: seeds = {config.seeds!r} is not allowed; expected {RULES['seeds']}")
+    for name, limit in LIMITS.items():
+        if isinstance(limit.high, str) and not name.startswith("bem."):  # BEMConfig checks its own
+            value, bound = _value(config, name), _value(config, limit.high)
+            if value is not None and not limit.allows(value, bound):
+                raise ConfigError(f"{source}: {name} = {value!r} is not allowed; expected "
+                                  f"{limit.text(isinstance(value, int), bound)}")
     controller_lr = config.training.controller_lr
-    if controller_lr is not None and controller_lr <= 0:
-        raise ConfigError(f"{source}: training.controller_lr = {controller_lr!r} is not allowed; expected a number > 0 "
-                          "or null (the controller trains at training.lr)")
     if controller_lr is not None and config.bem.controller == "static":
         raise ConfigError(f"{source}: training.controller_lr = {controller_lr!r} is not allowed with bem.controller = "
                           "'static' (no controller to train); expected null")
-    from bem.tasks import side_layout, side_width
+    from bem.models import EMBEDDED, known_base
 
-    if not config.seeds or len(set(config.seeds)) != len(config.seeds):
-        raise ConfigError(f"{source}: seeds = {config.seeds!r} is not allowed; expected a non-empty list of distinct integers")
+    if not known_base(config.model):
+        raise ConfigError(f"{source}: model = {config.model!r} is not allowed; expected an embedded model name "
+                          f"{sorted(EMBEDDED)} or a local Hugging Face folder holding config.json (models are never "
+                          "downloaded)")
+    from bem.tasks import side_layout, side_width
 
     if config.side_inputs and config.bem.controller != "static":
         width = side_width(side_layout(config.tasks))
@@ -309,3 +497,127 @@ def _check(config: ExperimentConfig, source: str) -> None:
 
 def list_experiments(directory: Path = EXPERIMENTS_DIR) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def list_presets(directory: Path = EXPERIMENTS_DIR) -> list[str]:
+    """Names of the preset overlays (`_NAME.yaml`, except the base `_defaults.yaml`): `bem run --preset NAME`."""
+    return sorted(p.stem[1:] for p in directory.glob("_*.yaml") if p.stem != "_defaults")
+
+
+# --- docs/configuration.md ------------------------------------------------------------------------
+SECTIONS = (("", ExperimentConfig), ("bem", BEMConfig), ("training", TrainingConfig), ("evaluation", EvalConfig),
+            ("gates", Gates))
+"""The mappings of an experiment file, in the order docs/configuration.md lists them."""
+
+_INTRO = """# Configuration reference
+
+Every field of an experiment file (`experiments/NAME.yaml`), with its type, what is allowed and its default.
+Generated by `bem.experiments.config.schema_markdown()` from the dataclasses and the `LIMITS` and `RULES` tables
+the loader checks with; a test keeps this file equal to it. Regenerate with
+`python -c "from bem.experiments.config import schema_markdown; print(schema_markdown(), end='')" > docs/configuration.md`.
+
+## Files
+- `NAME.yaml` is an experiment; its `name`, if given, must be `NAME`. Files starting with `_` are not
+  experiments and cannot be loaded as one: `_defaults.yaml` is the base the shipped experiments name with
+  `base: _defaults`, and every other `_NAME.yaml` is a preset merged on top by `bem run --preset NAME`
+  (`--quick` is `_quick.yaml`). An unknown preset is an error that lists the allowed ones.
+- `base: OTHER` merges `OTHER.yaml` underneath (mappings merge, lists and values replace); a missing base or
+  a loop is an error.
+- A file is UTF-8 YAML holding a mapping; an empty file, a list, a key given twice in one mapping and an unknown
+  key are errors. Every error names the file, the dotted field, the value and what is allowed.
+- Numbers are finite (no `.nan`, `.inf`) and never `true`/`false`; an integer field takes integers only (`3.0`
+  is not one), a number field takes integers too. YAML reads `1e-3` and `1.0e5` as text: write `1.0e-3`, `1.0e+5`.
+- Ranges below are inclusive unless written `(low, high]`; a range bounded by another field (`[0, training.steps]`)
+  is checked against that field's value.
+
+## Rules across fields
+- `training.controller_lr` must be null when `bem.controller` is `static`.
+- `bem.side_dim` must equal the width of the tasks' side inputs (wordnet_qa 5, easy_vqa 1280, in task order)
+  unless `side_inputs: false` or `bem.controller: static`.
+- `bem.prefix_scope: chunk` needs `bem.controller: chunk`; `bem.head_groups`, `bem.dynamic_rank`,
+  `bem.gate_features` and `bem.film` need a controller (not `static`); `bem.gate_features` needs
+  `bem.head_groups > 0`; `bem.kron_sites` needs `bem.kron_factor` and `bem.tau_sigma: null`.
+- Budget parity (SPEC §7): added parameters and FLOPs/token within ±`gates.parity_tolerance` of the `anchor`'s (of
+  `parity_with`'s for a baseline), checked at load with both ratios in the error.
+- Checked when the model is built or a run starts, not at load: `bem.read_layer`, `bem.layers` against the model's
+  blocks, site names against its layers, `evaluation.items` against the items of the task's split.
+"""
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "string"
+    if origin in _UNIONS:
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (list, tuple):
+        if origin is tuple and Ellipsis not in args:
+            return f"list of {len(args)} {_type_name(args[0])}s"
+        return f"list of {_type_name(args[0])}s"
+    return {int: "integer", float: "number", str: "string", bool: "boolean", type(None): "null"}[tp]
+
+
+def _field_allowed(tp, key: str) -> str:
+    limit = LIMITS.get(key)
+    if key in RULES:
+        return RULES[key]
+    if limit is not None:
+        return limit.interval() + (" or null" if limit.null else "")
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in typing.get_args(tp))
+    return "true or false" if tp is bool else _describe(tp)
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """{field: the docstring under it, on one line} from the source of `cls` ({} where it is unavailable)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    except (OSError, TypeError):
+        return {}
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            text = " ".join(after.value.value.split())
+            docs[node.target.id] = re.sub(r"\bNone\b", "null", text).rstrip(".")
+    return docs
+
+
+def _field_meaning(key: str, doc: str) -> str:
+    limit = LIMITS.get(key)
+    if limit is None or key in RULES:
+        return doc
+    return limit.meaning + (f"; null: {limit.null}" if limit.null else "")
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        return "the file name"
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return f"`{json.dumps(list(value) if isinstance(value, tuple) else value, ensure_ascii=False)}`"
+
+
+def schema_markdown() -> str:
+    """docs/configuration.md: every field of every section with its type, allowed values (LIMITS, RULES), unit or
+    meaning (LIMITS, else the field's docstring) and default."""
+    lines = [_INTRO]
+    for section, cls in SECTIONS:
+        hints = typing.get_type_hints(cls)
+        lines += [f"## `{section}:`" if section else "## Top level", ""]
+        if section:
+            lines += [f"A mapping; keys left out keep their defaults ({cls.__name__}).", ""]
+        lines += ["| Field | Type | Allowed | Unit / meaning | Default |", "|---|---|---|---|---|"]
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "source" or (not section and dataclasses.is_dataclass(hints[f.name])):
+                continue
+            key = f"{section}.{f.name}" if section else f.name
+            allowed, meaning = _field_allowed(hints[f.name], key), _field_meaning(key, docs.get(f.name, ""))
+            cells = [f"`{key}`", _type_name(hints[f.name]), allowed, meaning, _default(f)]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

@@ -27,7 +27,6 @@ containing 0 says the routing ignores them.
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +105,9 @@ def verdict(clean_minus_shuffled: dict, shuffled_minus_corrupt: dict, n: int, mi
 def analyze(db_path: Path, n_resamples: int = 10_000, min_items: int = MIN_ITEMS) -> dict:
     """Per system: condition means, the two paired differences with BCa CIs and the verdict; per routed system:
     its clean − shuffled drop against L0_lora's. Plain dicts, read from the database only (it is not written)."""
-    conn = sqlite3.connect(db_path)
+    from bem.experiments.results import open_for_analysis
+
+    conn = open_for_analysis(db_path)
     try:
         systems = _systems(conn) if conn.execute("SELECT 1 FROM sqlite_master WHERE name='units'").fetchone() else {}
         result = {"task": TASK, "metrics": list(METRICS), "rule": RULE, "n_resamples": n_resamples,

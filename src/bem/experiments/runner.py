@@ -9,9 +9,9 @@ from pathlib import Path
 
 from bem import save_bem
 from bem.evaluate import FEATURE_SWAP, INDEX_SWAP, evaluate_task
-from bem.experiments.adapters import unit_name  # noqa: F401  (runner.unit_name is public)
-from bem.experiments.config import EXPERIMENTS_DIR, ExperimentConfig, load_experiment
-from bem.experiments.results import ResultsDB
+from bem.experiments.adapters import unit_data, unit_name  # runner.unit_name is public
+from bem.experiments.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, load_experiment
+from bem.experiments.results import ResultsDB, data_key
 from bem.experiments.training import train_unit
 from bem.tasks import SPECS, side_layout
 
@@ -23,13 +23,30 @@ QUICK_EXPERIMENTS = ["L0_lora", "S1_anchor"]
 def load_configs(names: list[str], quick: bool, seeds: int | None, directory: Path = EXPERIMENTS_DIR,
                  overlay: str | None = None) -> list[ExperimentConfig]:
     overlay = overlay or ("_quick" if quick else None)
-    configs = [load_experiment(n, directory, overlay=overlay) for n in names]
+    if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
+        raise ConfigError(f"--seeds {seeds!r} is not allowed; expected an integer >= 1 (seeds 0..N-1)")
+    configs = [load_experiment(n, directory, overlay=overlay) for n in dict.fromkeys(names)]
     if seeds is not None:
-        if seeds < 1:
-            raise ValueError(f"--seeds {seeds}: expected an integer >= 1")
         for c in configs:
             c.seeds = list(range(seeds))
     return configs
+
+
+def check_data(configs: list[ExperimentConfig], data_root: Path | None = None) -> dict[str, str]:
+    """{experiment: its data build (results.data_key)}, after checking every task's files against the manifest and
+    that each task's evaluation split holds the items the config asks for (never silently fewer)."""
+    from bem.data.prepare import data_fingerprints, read_manifest
+
+    tasks = list(dict.fromkeys(t for c in configs for t in c.tasks))
+    fingerprints = data_fingerprints(tasks, data_root)
+    counts = {t: e.get("counts", {}) for t, e in read_manifest(data_root)["tasks"].items()}
+    for c in configs:
+        for task in c.tasks:
+            have = counts.get(task, {}).get(c.evaluation.split)
+            if have is not None and c.evaluation.items > have:
+                raise ConfigError(f"{c.source}: evaluation.items = {c.evaluation.items} is not allowed for task {task}: "
+                                  f"its {c.evaluation.split} split holds {have} items; expected at most {have}")
+    return {c.name: data_key({t: fingerprints[t] for t in c.tasks}) for c in configs}
 
 
 def _layout(config: ExperimentConfig) -> dict | None:
@@ -109,13 +126,14 @@ def backfill_unit(db: ResultsDB, unit_id: int, config: ExperimentConfig, seed: i
 
 
 def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, out: Path,
-             data_root: Path | None = None) -> int:
+             data_root: Path | None = None, data: str | None = None) -> int:
     """Train (resuming if a checkpoint exists), evaluate, and commit one unit; then its index-swap conditions,
     each committed on its own."""
-    name = unit_name(config, seed)
+    data = data if data is not None else unit_data(config, data_root, verify=True)
+    name = unit_name(config, seed, data_root)
     checkpoint = out / "checkpoints" / name
     start = time.perf_counter()
-    unit = train_unit(config, seed, checkpoint, data_root)
+    unit = train_unit(config, seed, checkpoint, data_root, identity={"config_hash": config.config_hash(), "data": data})
     train_seconds = time.perf_counter() - start
     if not unit.is_main:  # under DDP only the main process evaluates and writes
         return -1
@@ -131,7 +149,7 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
     eval_seconds = time.perf_counter() - start
     save_bem(unit.model, out / "adapters" / name)
     unit_id = db.write_unit(run_id, config.name, config.config_hash(), config.to_dict(), seed, rows, summaries,
-                            unit.curve, train_seconds, eval_seconds)
+                            unit.curve, train_seconds, eval_seconds, data)
     shutil.rmtree(checkpoint, ignore_errors=True)  # the unit is committed; its adapter is kept
     store_routing(db, unit_id, unit.model, unit.tokenizer, config, missing_routing(db, unit_id, config), by_task, data_root)
     evaluate_conditions(db, unit_id, unit.model, unit.tokenizer, config, swap_conditions(config, seed), data_root)
@@ -141,9 +159,12 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
 def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = None, data_root: Path | None = None,
         directory: Path = EXPERIMENTS_DIR, command: str = "bem run", overlay: str | None = None) -> list[tuple[str, int, str]]:
     """Run every unfinished (experiment, seed) unit, seed by seed so that an interrupted run holds every
-    experiment at its first seeds; returns (experiment, seed, 'done'|'skipped'|'backfilled'). A finished unit that
-    lacks index-swap conditions (see swap_conditions) or routing statistics gets only those: 'backfilled'."""
+    experiment at its first seeds; returns (experiment, seed, 'done'|'skipped'|'backfilled'|'busy: ...'). A finished
+    unit that lacks index-swap conditions (see swap_conditions) or routing statistics gets only those: 'backfilled'.
+    A unit is identified by its config hash and the data build of its tasks: against a rebuilt suite every unit is
+    new. A unit another process is working on (its lease, see ResultsDB.claim) is left to it: 'busy'."""
     configs = load_configs(names, quick, seeds, directory, overlay)
+    data = check_data(configs, data_root)
     main_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch / torchrun only rank 0 writes
     db = ResultsDB(out / "results.sqlite")
     try:
@@ -151,19 +172,37 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
         done = []
         units = sorted(((c, s) for c in configs for s in c.seeds), key=lambda u: u[0].seeds.index(u[1]))
         for config, seed in units:
-            if db.finished(config.name, config.config_hash(), seed):
-                unit_id = db.unit_id(config.name, config.config_hash(), seed)
+            key = (config.name, config.config_hash(), seed, data[config.name])
+            if db.finished(*key):
+                unit_id = db.unit_id(*key)
                 todo = missing_conditions(db, unit_id, config, seed) if main_process else []
                 routing = missing_routing(db, unit_id, config) if main_process else []
-                if todo or routing:
-                    backfill_unit(db, unit_id, config, seed, out, todo, routing, data_root)
-                    done.append((config.name, seed, "backfilled"))
+                if not (todo or routing):
+                    log.info("%s seed %d: finished earlier, skipped", config.name, seed)
+                    done.append((config.name, seed, "skipped"))
                     continue
-                log.info("%s seed %d: finished earlier, skipped", config.name, seed)
+            finished = db.finished(*key)
+            holder = db.claim(*key, finished_ok=finished) if main_process else None
+            if holder == "finished":
+                log.info("%s seed %d: finished by another process meanwhile, skipped", config.name, seed)
                 done.append((config.name, seed, "skipped"))
                 continue
-            run_unit(db, run_id, config, seed, out, data_root)
-            done.append((config.name, seed, "done"))
+            if holder is not None:
+                log.warning("%s seed %d: %s is working on it; left to that process", config.name, seed, holder)
+                done.append((config.name, seed, f"busy: {holder}"))
+                continue
+            try:
+                if finished:
+                    unit_id = db.unit_id(*key)
+                    backfill_unit(db, unit_id, config, seed, out, missing_conditions(db, unit_id, config, seed),
+                                  missing_routing(db, unit_id, config), data_root)
+                    done.append((config.name, seed, "backfilled"))
+                else:
+                    run_unit(db, run_id, config, seed, out, data_root, data[config.name])
+                    done.append((config.name, seed, "done"))
+            finally:
+                if main_process:
+                    db.release(*key)
         return done
     finally:
         db.close()
