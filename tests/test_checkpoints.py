@@ -69,31 +69,48 @@ def _scores(db_path):
     return rows, curve, units
 
 
-def _run_killed(setup, out: Path, point: str, fresh_interpreter: bool) -> int:
-    """`runner.run` in another process with BEM_CRASH_AT=point; its exit status. A forked child (the test's imports
-    already loaded) dies the same way as a new interpreter, `os._exit(137)` at the point, in a fraction of the time."""
-    if fresh_interpreter:
-        code = ("from pathlib import Path; from bem.experiments import runner; "
-                f"runner.run([{NAME!r}], Path({str(out)!r}), directory=Path({str(setup / 'experiments')!r}))")
-        env = {**os.environ, "BEM_DATA": str(setup / "data"), "BEM_CRASH_AT": point, "OMP_NUM_THREADS": "1"}
-        return subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[1],
-                              capture_output=True, timeout=300).returncode
-    from bem.experiments import runner
-
+FORK_SERVER = """
+import os, sys
+from pathlib import Path
+from bem.experiments import runner  # imported once; no torch op runs here, so forking stays safe
+name, out, experiments = sys.argv[1:4]
+for line in sys.stdin:
     pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
+    if pid == 0:  # the child: os._exit(137) at the crash point, else 0 (finished) or 1 (an error)
         status = 1
         try:
-            os.environ["BEM_CRASH_AT"] = point
-            runner.run([NAME], out, directory=setup / "experiments")
+            os.environ["BEM_CRASH_AT"] = line.strip()
+            runner.run([name], Path(out), directory=Path(experiments))
             status = 0
         except BaseException:
             import traceback
-
             traceback.print_exc()
         finally:
             os._exit(status)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+class Killer:
+    """`runner.run` in other processes with BEM_CRASH_AT set; `kill(point)` returns the exit status. A fresh
+    interpreter that has imported BEM but run no torch op forks a child per kill: each dies by `os._exit(137)` at the
+    point like a new interpreter would, in a fraction of the time. (Forking pytest itself is not safe: its OpenMP
+    threads, started by earlier tests, deadlock the child.)"""
+
+    def __init__(self, setup: Path, out: Path):
+        env = {**os.environ, "BEM_DATA": str(setup / "data"), "OMP_NUM_THREADS": "1"}
+        self.server = subprocess.Popen([sys.executable, "-c", FORK_SERVER, NAME, str(out), str(setup / "experiments")],
+                                       env=env, cwd=Path(__file__).parents[1], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True)
+
+    def kill(self, point: str) -> int:
+        self.server.stdin.write(point + "\n")
+        self.server.stdin.flush()
+        return int(self.server.stdout.readline())
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
 
 
 def _listing(folder: Path) -> set[str]:
@@ -128,14 +145,19 @@ def test_a_kill_at_every_point_of_a_save_resumes_to_the_same_scores(setup, strai
         ("adapter.moved_aside", {"step-00000006"}, {new, old}),  # the folder's name is free for a moment
         ("adapter.cleaned", {"step-00000006"}, {unit}),  # recovered, then saved once more
     ]
-    for point, want_checkpoints, want_adapters in chain:
-        status = _run_killed(setup, out, point, fresh_interpreter=point == "checkpoint.renamed")
-        assert status == 137, f"{point}: exit status {status}"
-        assert _listing(checkpoints) == want_checkpoints, point
-        assert _listing(adapters) == want_adapters, point
-        assert _scores(out / "results.sqlite")[2] == 0, point  # nothing stored by a killed run
-        if point == "checkpoint.manifest":  # the hidden copy is complete, yet only a renamed folder counts
-            assert [(p / "manifest.json").is_file() for p in checkpoints.glob(".tmp-*")] == [True]
+    killer = Killer(setup, out)
+    try:
+        statuses = []
+        for point, want_checkpoints, want_adapters in chain:
+            statuses.append(killer.kill(point))
+            assert statuses[-1] == 137, f"{point}: exit status {statuses[-1]}"
+            assert _listing(checkpoints) == want_checkpoints, point
+            assert _listing(adapters) == want_adapters, point
+            assert _scores(out / "results.sqlite")[2] == 0, point  # nothing stored by a killed run
+            if point == "checkpoint.manifest":  # the hidden copy is complete, yet only a renamed folder counts
+                assert [(p / "manifest.json").is_file() for p in checkpoints.glob(".tmp-*")] == [True]
+    finally:
+        killer.close()
     assert latest_checkpoint(checkpoints) == (checkpoints / "step-00000006", 6)
 
     assert runner.run([NAME], out, directory=setup / "experiments") == [(NAME, 0, "done")]

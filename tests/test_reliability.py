@@ -18,7 +18,7 @@ from bem.experiments.config import ConfigError
 from bem.experiments.results import SCHEMA_VERSION, ResultsDB, read_only_copy
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK_DB = REPO / "docs/results/quick/results.sqlite"  # a stored database of an older BEM (schema 1)
+QUICK_DB = REPO / "docs/results/quick/results.sqlite"  # a stored database (tests work on copies)
 
 
 def _sha(path: Path) -> str:
@@ -123,9 +123,26 @@ def test_a_truncated_database_is_reported_as_damaged_with_its_path(tmp_path):
             call()
 
 
+def _as_schema_1(path: Path) -> None:
+    """Turn a copy of a stored database into what an older BEM wrote: units without a data build, no version."""
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE units_v1 (id INTEGER PRIMARY KEY, experiment TEXT, config_hash TEXT REFERENCES configs(hash),
+            seed INTEGER, run_id INTEGER REFERENCES runs(id), finished REAL, train_seconds REAL, eval_seconds REAL,
+            UNIQUE (experiment, config_hash, seed));
+        INSERT INTO units_v1 SELECT id, experiment, config_hash, seed, run_id, finished, train_seconds, eval_seconds
+            FROM units;
+        DROP TABLE units;
+        ALTER TABLE units_v1 RENAME TO units;
+        DROP TABLE IF EXISTS leases;
+        PRAGMA user_version = 0;""")
+    conn.close()
+
+
 def test_an_older_bem_database_is_read_through_a_copy_and_migrated_only_when_written(tmp_path):
     path = tmp_path / "results.sqlite"
     shutil.copy(QUICK_DB, path)
+    _as_schema_1(path)
     before = _sha(path)
     conn = read_only_copy(path)
     assert conn.execute("SELECT COUNT(*), COUNT(data_fingerprint) FROM units").fetchone()[1] == 0
@@ -320,3 +337,18 @@ def test_units_of_an_older_bem_get_a_data_build_only_when_todays_data_reproduces
     assert conn.execute("SELECT experiment, data_fingerprint FROM units ORDER BY experiment").fetchall() == [
         ("tiny_a", build), ("tiny_b", None)]
     assert _run(env, ["tiny_a"]) == [("tiny_a", 0, "skipped")]  # stamped: matched again, not retrained
+
+
+def test_gates_alpha_is_the_level_the_verdicts_use(tmp_path):
+    from bem.experiments.analysis import analyze
+
+    shutil.copy(QUICK_DB, tmp_path / "results.sqlite")
+    conn = sqlite3.connect(tmp_path / "results.sqlite")
+    with conn:
+        for config_hash, text in conn.execute("SELECT hash, json FROM configs").fetchall():
+            config = json.loads(text)
+            config["gates"]["alpha"] = 0.5
+            conn.execute("UPDATE configs SET json=? WHERE hash=?", (json.dumps(config), config_hash))
+    reasons = [r for v in analyze(tmp_path, n_resamples=200)["verdicts"] for r in v["reasons"]]
+    assert any("is not < 0.5 (gates.alpha)" in r for r in reasons)
+    assert not any("is not < 0.05" in r for r in reasons)

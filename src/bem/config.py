@@ -85,7 +85,7 @@ RULES: dict[str, str] = {
     "head_gate_sites": _SITES + " (used when head_groups > 0)",
     "kron_sites": _SITES + "; [] = off",
     "layers": f"null (every block) or a non-empty list of distinct block indices, each an integer in {LIMITS['layers'].interval()}",
-    "gate_features": f"[] (off) or a list of distinct indices into the side vector, each an integer in "
+    "gate_features": "[] (off) or a list of distinct indices into the side vector, each an integer in "
                      "[0, side_dim - 1]; needs head_groups > 0",
     "kron_factor": f"null or [rows, columns] of each A factor, two integers in {LIMITS['kron_factor'].interval()}; "
                    "required when kron_sites is set",
