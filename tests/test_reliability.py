@@ -223,6 +223,24 @@ def test_a_unit_held_by_a_live_process_is_left_to_it_and_a_dead_ones_lease_is_ta
     db.close()
 
 
+def test_two_runs_on_one_folder_never_train_a_unit_twice(env):
+    """Two `bem run`s started together on one folder: one trains each unit, the other leaves it ('busy') or finds it
+    finished ('skipped'); both end cleanly and the database holds each unit once."""
+    code = ("import sys; from pathlib import Path; from bem.experiments import runner; "
+            "print(runner.run(['tiny_a', 'tiny_b'], Path(sys.argv[1]), directory=Path(sys.argv[2])))")
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(env["out"]), str(env["experiments"])], env=full,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    statuses = [s for out, _ in outputs for (_, _, s) in eval(out.strip().splitlines()[-1])]  # noqa: S307
+    assert statuses.count("done") == 2 and all(s == "skipped" or s.startswith("busy: ") for s in statuses if s != "done")
+    conn = sqlite3.connect(env["out"] / "results.sqlite")
+    assert conn.execute("SELECT experiment, COUNT(*) FROM units GROUP BY experiment").fetchall() == [("tiny_a", 1),
+                                                                                                    ("tiny_b", 1)]
+    assert conn.execute("SELECT COUNT(*) FROM leases").fetchone()[0] == 0
+
+
 # --- data identity ---------------------------------------------------------------------------------
 def _rebuild(data: Path, task: str = "wordnet_define") -> None:
     """Stand-in for a rebuilt suite: the task's files change (one test item dropped) and so does its fingerprint."""
