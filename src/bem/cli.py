@@ -233,6 +233,25 @@ def _known(err: BaseException) -> tuple[str, str] | None:
     return None
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bem import bench
+
+    subjects = args.subjects or (["base", "peft_lora", "bem_static", "bem_routed"] if args.quick else list(bench.SUBJECTS))
+    unknown = [name for name in subjects if name not in bench.SUBJECTS]
+    if unknown:
+        raise BEMError(f"--subjects: unknown {unknown}; expected some of {list(bench.SUBJECTS)}")
+    if "base" not in subjects:
+        subjects = ["base"] + subjects  # every ratio is against the base model measured in the same run
+    result = bench.bench(subjects, tuple(args.precisions), args.device, batch=args.batch, prompt_len=args.prompt_len,
+                         new_tokens=args.new_tokens, train_len=args.train_len, rounds=args.rounds,
+                         log=lambda line: print(line, file=sys.stderr))
+    out = Path(args.out or f"runs/bench/bench-{args.device.split(':')[0]}.json")
+    bench.write(result, out)
+    print(bench.markdown(result))
+    print(f"stored {out} and {out.with_suffix('.md')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `bem` command: every error a user can act on is one line (and a hint) with exit status 2 (1 for the
     machine's: disk, permissions); anything else is reported as a bug; `bem --debug ...` shows the traceback."""
@@ -299,6 +318,20 @@ def _main(argv: list[str]) -> int:
                       "trained adapter (restored by retraining if missing) and the profiles go to its database "
                       "(for the gates); experiments without a finished unit are profiled untrained, and say so")
     prof.set_defaults(func=cmd_profile)
+    ben = sub.add_parser("bench", help="speed of BEM vs the base model and PEFT LoRA (prefill, decode step, generation, "
+                         "train step; fp32 and bf16), interleaved in one process; prints ratios, stores JSON + Markdown")
+    ben.add_argument("--subjects", nargs="+", default=None, help="default: all (base, peft_lora, peft_lora_merged, "
+                     "bem_static, bem_routed, v1_dynrank, v2_gateshaping, v3_kron, v4_film)")
+    ben.add_argument("--quick", action="store_true", help="base, peft_lora, bem_static, bem_routed only")
+    ben.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    ben.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    ben.add_argument("--rounds", type=_positive, default=3)
+    ben.add_argument("--batch", type=_positive, default=8)
+    ben.add_argument("--prompt-len", type=_positive, default=128)
+    ben.add_argument("--new-tokens", type=_positive, default=32)
+    ben.add_argument("--train-len", type=_positive, default=160)
+    ben.add_argument("--out", default=None, help="JSON path (default runs/bench/bench-DEVICE.json; .md beside it)")
+    ben.set_defaults(func=cmd_bench)
     data = sub.add_parser("data", help="build the task suite").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="build every task's JSONL splits and manifest (idempotent)")
     prep.add_argument("--tasks", nargs="+", default=None, help="task names (default: all)")

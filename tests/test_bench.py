@@ -1,0 +1,50 @@
+"""`bem bench` runs every kind of subject and reports ratios against the base measured in the same run."""
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from bem.models import load_base, tiny
+
+    root = tmp_path_factory.mktemp("bench") / "model"
+    tokenizer = load_base("smollm2-135m")[1]
+    tiny("llama", vocab_size=len(tokenizer)).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def test_bench_measures_each_subject_and_precision_with_ratios_to_the_base(tiny_model, tmp_path):
+    from bem import bench
+
+    subjects = ["base", "peft_lora", "peft_lora_merged", "bem_static", "bem_routed"]
+    result = bench.bench(subjects, ("fp32", "bf16"), "cpu", model_name=str(tiny_model), batch=2, prompt_len=16,
+                         decode_steps=2, new_tokens=4, train_len=16, rounds=1, warmup=0, log=lambda line: None)
+    rows = {(r["subject"], r["precision"]): r for r in result["rows"]}
+    assert set(rows) == {(s, p) for s in subjects for p in ("fp32", "bf16")}
+    for (subject, precision), row in rows.items():
+        assert row["prefill_ms"] > 0 and row["decode_ms"] > 0 and row["generate_tokens_per_s"] > 0
+        assert row["ratios"]["prefill"] == pytest.approx(row["prefill_ms"] / rows[("base", precision)]["prefill_ms"])
+        trains = subject not in ("base", "peft_lora_merged")
+        assert (row["train_step_s"] is not None) == trains
+        assert ("train_vs_peft_lora" in row["ratios"]) == trains
+    assert rows[("base", "fp32")]["ratios"]["decode"] == 1.0
+    path = tmp_path / "bench.json"
+    bench.write(result, path)
+    assert json.loads(path.read_text()) == result
+    text = path.with_suffix(".md").read_text()
+    assert "| bem_routed |" in text and "BEM routed decode ×" in text and "(goal ≤ ×1.10)" in text
+
+
+def test_merged_peft_lora_computes_what_unmerged_does(tiny_model):
+    """The merged subject is the same function as the unmerged one, so its speed is a fair comparison."""
+    import torch
+
+    from bem import bench
+
+    unmerged = bench.build("peft_lora", str(tiny_model), torch.device("cpu"))[0].eval()
+    merged = bench.build("peft_lora_merged", str(tiny_model), torch.device("cpu"))[0].eval()
+    ids = torch.randint(10, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, unmerged(ids).logits, atol=1e-4, rtol=1e-4)
