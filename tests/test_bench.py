@@ -48,3 +48,14 @@ def test_merged_peft_lora_computes_what_unmerged_does(tiny_model):
     ids = torch.randint(10, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, unmerged(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_perf_doc_shows_the_stored_cpu_bench():
+    """docs/perf.md's table is what `bem bench` wrote to docs/perf/bench-cpu.json, not typed by hand."""
+    from pathlib import Path
+
+    from bem import bench
+
+    repo = Path(__file__).resolve().parents[1]
+    result = json.loads((repo / "docs/perf/bench-cpu.json").read_text())
+    assert bench.markdown(result) in (repo / "docs/perf.md").read_text()

@@ -242,7 +242,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise BEMError(f"--subjects: unknown {unknown}; expected some of {list(bench.SUBJECTS)}")
     if "base" not in subjects:
         subjects = ["base"] + subjects  # every ratio is against the base model measured in the same run
-    result = bench.bench(subjects, tuple(args.precisions), args.device, batch=args.batch, prompt_len=args.prompt_len,
+    result = bench.bench(subjects, tuple(args.precisions) if args.precisions else None, args.device, batch=args.batch, prompt_len=args.prompt_len,
                          new_tokens=args.new_tokens, train_len=args.train_len, rounds=args.rounds,
                          log=lambda line: print(line, file=sys.stderr))
     out = Path(args.out or f"runs/bench/bench-{args.device.split(':')[0]}.json")
@@ -323,7 +323,8 @@ def _main(argv: list[str]) -> int:
     ben.add_argument("--subjects", nargs="+", default=None, help="default: all (base, peft_lora, peft_lora_merged, "
                      "bem_static, bem_routed, v1_dynrank, v2_gateshaping, v3_kron, v4_film)")
     ben.add_argument("--quick", action="store_true", help="base, peft_lora, bem_static, bem_routed only")
-    ben.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    ben.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=None,
+                     help="default: fp32 and bf16 where bf16 is native (CUDA, AVX512-BF16/AMX CPUs), else fp32")
     ben.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     ben.add_argument("--rounds", type=_positive, default=3)
     ben.add_argument("--batch", type=_positive, default=8)
