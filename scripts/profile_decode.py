@@ -27,7 +27,7 @@ def main() -> None:
         model, _, side_dim = bench.build(name, "smollm2-135m", device)
         model.eval()
         kwargs = bench._kwargs(side_dim, args.batch, args.prompt_len, device)
-        for precision in ("fp32", "bf16"):
+        for precision in ("fp32", "bf16") if bench.bf16_supported(device) else ("fp32",):  # emulated bf16 says nothing
             with torch.no_grad(), bench._autocast(device, precision):
                 out = model(ids, use_cache=True, **kwargs)
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
