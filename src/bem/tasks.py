@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from bem import metrics
-from bem.data.prepare import data_root, read_split
+from bem.data.prepare import data_root, read_split, split_lines  # noqa: F401  (read_split: re-exported)
 
 
 _ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\s+is\s*:?\s*", re.I)
@@ -102,11 +102,11 @@ SPECS: dict[str, TaskSpec] = {
 
 def load_items(task: str, split: str, n: int | None, root: Path | None = None) -> list[dict]:
     """n items evenly spread through the split (files are in source order: books, lexicographer files)."""
-    items = read_split(task, split, root)
-    if n is None or n >= len(items):
-        return items
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]
+    lines = split_lines(task, split, root)  # only the chosen lines are parsed
+    if n is None or n >= len(lines):
+        return [json.loads(line) for line in lines]
+    step = len(lines) / n
+    return [json.loads(lines[int(i * step)]) for i in range(n)]
 
 
 def side_inputs(task: str, items: list[dict], root: Path | None = None) -> np.ndarray | None:

@@ -293,13 +293,18 @@ def data_fingerprints(tasks: list[str], root: Path | None = None, verify: bool =
     return out
 
 
-def read_split(task: str, split: str, root: Path | None = None) -> list[dict]:
+def split_lines(task: str, split: str, root: Path | None = None) -> list[str]:
+    """The split's JSONL lines, unparsed (parsing a whole train split costs seconds; callers parse what they use)."""
     root = Path(root) if root is not None else data_root()
     path = root / task / f"{split}.jsonl"
     if not path.is_file():
         raise DataError(f"{path} is missing", hint=f"build it with: bem data prepare --tasks {task}")
     with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+        return f.read().splitlines()
+
+
+def read_split(task: str, split: str, root: Path | None = None) -> list[dict]:
+    return [json.loads(line) for line in split_lines(task, split, root)]
 
 
 LEAKAGE_KEYS = {"wordnet_qa": ("answers",), "easy_vqa": ("image_sha",), "safety": ("prompt",), "bible_translate": ("book", "source"), "wordnet_define": ("word",),
