@@ -59,3 +59,23 @@ def test_perf_doc_shows_the_stored_cpu_bench():
     repo = Path(__file__).resolve().parents[1]
     result = json.loads((repo / "docs/perf/bench-cpu.json").read_text())
     assert bench.markdown(result) in (repo / "docs/perf.md").read_text()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "gpu"], "--device 'gpu' is not allowed; expected cpu, cuda or cuda:N"),
+    (["--subjects", "nope"], "--subjects: unknown ['nope']; expected some of"),
+    (["--rounds", "0"], "--rounds: 0 is not allowed; expected an integer >= 1"),
+])
+def test_bad_bench_options_are_one_line_errors(args, message, capsys):
+    from bem.cli import main
+
+    with pytest.raises(SystemExit) if args[0] == "--rounds" else _nothing():
+        assert main(["bench", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bem.errors import BEMError
+
 GOALS = {"decode_ms": 1.10, "prefill_ms": 1.05}  # BEM routed over base, at equal precision
 TRAIN_GOAL = 1.0  # BEM routed train step over PEFT LoRA's at equal rank
 SUBJECTS = ("base", "peft_lora", "peft_lora_merged", "bem_static", "bem_routed",
@@ -105,21 +107,11 @@ def _kwargs(side_dim: int | None, batch: int, prompt_len: int, device: torch.dev
     return out
 
 
-@torch.no_grad()
 def _prefill_and_decode(model, ids, kwargs, decode_steps: int, device) -> tuple[float, float]:
-    _sync(device)
-    t0 = time.perf_counter()
-    out = model(ids, use_cache=True, **kwargs)
-    _sync(device)
-    prefill = time.perf_counter() - t0
-    cache, token, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
-    for _ in range(decode_steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model(token, past_key_values=cache, use_cache=True)
-        _sync(device)
-        steps.append(time.perf_counter() - t0)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    """Seconds of one prefill and the median decode step after it (profiling's timed pass)."""
+    from bem.profiling import _one_pass, _Subject
+
+    prefill, steps = _one_pass(_Subject("bench", "", model, ids, kwargs, None, [], []), decode_steps)
     return prefill, float(np.median(steps))
 
 
@@ -150,7 +142,14 @@ def bench(subjects: list[str] = list(SUBJECTS), precisions: tuple[str, ...] | No
           model_name: str = "smollm2-135m", batch: int = 8, prompt_len: int = 128, decode_steps: int = 8,
           new_tokens: int = 32, train_len: int = 160, rounds: int = 3, warmup: int = 1, log=print) -> dict:
     """Every subject × precision, `rounds` interleaved rounds after `warmup`; medians and ratios (see module doc)."""
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BEMError(f"--device {device!r} is not allowed; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BEMError(f"--device {device!r}: no CUDA device is available here; expected cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise BEMError(f"--device {device!r} is not allowed; expected cpu, cuda or cuda:N")
     if precisions is None:  # both where bf16 is native, else fp32 alone (said once)
         precisions = ("fp32", "bf16") if bf16_supported(dev) else ("fp32",)
         if len(precisions) == 1:

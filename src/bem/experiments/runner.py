@@ -173,15 +173,13 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
         units = sorted(((c, s) for c in configs for s in c.seeds), key=lambda u: u[0].seeds.index(u[1]))
         for config, seed in units:
             key = (config.name, config.config_hash(), seed, data[config.name])
-            if db.finished(*key):
-                unit_id = db.unit_id(*key)
-                todo = missing_conditions(db, unit_id, config, seed) if main_process else []
-                routing = missing_routing(db, unit_id, config) if main_process else []
-                if not (todo or routing):
-                    log.info("%s seed %d: finished earlier, skipped", config.name, seed)
-                    done.append((config.name, seed, "skipped"))
-                    continue
-            finished = db.finished(*key)
+            unit_id = db.unit_id(*key)
+            finished = unit_id is not None
+            if finished and not (main_process and (missing_conditions(db, unit_id, config, seed)
+                                                   or missing_routing(db, unit_id, config))):
+                log.info("%s seed %d: finished earlier, skipped", config.name, seed)
+                done.append((config.name, seed, "skipped"))
+                continue
             holder = db.claim(*key, finished_ok=finished) if main_process else None
             if holder == "finished":
                 log.info("%s seed %d: finished by another process meanwhile, skipped", config.name, seed)
@@ -193,7 +191,6 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
                 continue
             try:
                 if finished:
-                    unit_id = db.unit_id(*key)
                     backfill_unit(db, unit_id, config, seed, out, missing_conditions(db, unit_id, config, seed),
                                   missing_routing(db, unit_id, config), data_root)
                     done.append((config.name, seed, "backfilled"))
