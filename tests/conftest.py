@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("BEM_AUTO_PRECISION", "fp32")  # tests compute the same on every machine (bem.precision)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -169,7 +169,13 @@ def test_a_kill_at_every_point_of_a_save_resumes_to_the_same_scores(setup, strai
     assert sorted(os.listdir(adapters / unit)) == ["bem_config.json", "bem_weights.safetensors"]
     a = load_file(str(straight / "adapters" / unit / "bem_weights.safetensors"))
     b = load_file(str(adapters / unit / "bem_weights.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # equal to float rounding, not bit for bit: with 2 threads the BLAS reductions of the output head's backward over
+    # a few dozen target rows (training.target_loss) differ in the last bits from one process to another (measured:
+    # 4e-5 of the largest weight after 6 steps, which AdamW's normalisation amplifies; with 1 thread they are equal);
+    # the scores and curves above are equal bit for bit, and resuming from a wrong step differs by far more
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() / max(a[k].abs().max().item(), 1e-12) for k in a)
+    assert diff <= 1e-3, diff
 
 
 # --- damaged checkpoints: refused, naming the file ---------------------------------------------------------------

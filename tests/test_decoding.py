@@ -181,3 +181,56 @@ def test_unsupported_modes_are_refused_by_name(options, name):
     model = routed_tiny("llama")
     with pytest.raises(NotImplementedError, match=name):
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, pad_token_id=0, **options)
+
+
+@pytest.mark.parametrize("options", [{}, {"prefix_scope": "chunk", "hysteresis_tau": 0.01}, {"controller": "static"},
+                                     {"dynamic_rank": 2, "head_groups": 2}])
+def test_greedy_that_drops_finished_rows_equals_generate(arch, options):
+    """bem.evaluate.greedy drops rows from the batch, KV cache and routing state as they end; every row's tokens
+    (and so every reply) equal generate's, which computes finished rows to the end."""
+    from bem.evaluate import greedy
+
+    model = routed_tiny(arch, **options)
+    ids = torch.randint(3, 128, (4, 9), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    for row, pads in enumerate((4, 0, 2, 6)):
+        ids[row, :pads], mask[row, :pads] = 0, 0
+    kwargs = {"bem_prompt_len": mask.sum(1), "bem_side": torch.randn(4, 3, generator=torch.Generator().manual_seed(7))}
+    free = _greedy(model, ids, new_tokens=14, attention_mask=mask, **kwargs).sequences[:, 9:]
+    # an end token that rows reach at different steps: row 0's 3rd token
+    end = int(free[0, 2])
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, pad_token_id=0,
+                          eos_token_id=end, **kwargs)[:, 9:]
+    got = greedy(model, ids, mask, 14, [end], **kwargs)
+    lengths = [len(row) for row in got]
+    assert lengths[0] <= 3 and max(lengths) > lengths[0]  # row 0 left the batch early, another row went on
+    for row, tokens in enumerate(got):
+        expect = want[row].tolist()
+        expect = expect[:expect.index(end) + 1] if end in expect else expect
+        assert tokens == expect, f"row {row}"
+
+
+def test_select_rows_keeps_the_remaining_rows_routing():
+    """After dropping rows, the stream state of the kept rows is exactly the state they would have alone."""
+    model = routed_tiny("llama", prefix_scope="chunk", hysteresis_tau=0.01)
+    runtime = model._bem_runtime
+    ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(8))
+    side = torch.randn(3, 3, generator=torch.Generator().manual_seed(9))
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True, bem_side=side)
+    keep = torch.tensor([0, 2])
+    cache.batch_select_indices(keep)
+    runtime.select_rows(cache, keep)
+    kept = runtime.streams[cache]
+    alone_cache = DynamicCache()
+    with torch.no_grad():
+        model(ids[keep], past_key_values=alone_cache, use_cache=True, bem_side=side[keep])
+    alone = runtime.streams[alone_cache]
+    for name in ("chunk", "code", "window_sum", "window_count", "seen", "prompt_len", "side"):
+        assert torch.allclose(getattr(kept, name).float(), getattr(alone, name).float(), atol=1e-6), name
+    with torch.no_grad():  # and the next cached step continues both alike
+        step = torch.randint(3, 128, (2, 1), generator=torch.Generator().manual_seed(10))
+        a = model(step, past_key_values=cache, use_cache=True, bem_side=side[keep]).logits
+        b = model(step, past_key_values=alone_cache, use_cache=True, bem_side=side[keep]).logits
+    assert (a - b).abs().max().item() <= 1e-5

@@ -26,7 +26,7 @@ def test_shipped_experiments_load():
 @pytest.mark.parametrize("body,message", [
     ("training:\n  stpes: 3\n", r"x\.yaml: unknown field\(s\) \['training\.stpes'\]"),
     ("training:\n  steps: many\n", r"x\.yaml: training\.steps = 'many' is not allowed; expected an integer"),
-    ("training:\n  precision: fp8\n", r"training\.precision = 'fp8' is not allowed; expected one of 'fp32', 'bf16'"),
+    ("training:\n  precision: fp8\n", r"training\.precision = 'fp8' is not allowed; expected one of 'auto', 'fp32', 'bf16'"),
     ("tasks: [wordnet_qa, squad]\n", r"tasks\[1\] = 'squad' is not allowed; expected one of"),
     ("bem:\n  rank: 0\n", r"x\.yaml: bem\.rank = 0 is not allowed; expected an integer >= 1"),
     ("bem:\n  side_dim: 3\n", r"bem\.side_dim = 3 is not allowed; the side inputs of tasks"),

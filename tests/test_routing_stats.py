@@ -226,7 +226,17 @@ def test_shipped_config_hashes_are_unchanged_and_controller_lr_counts_only_when_
             "SELECT DISTINCT experiment, config_hash FROM units").fetchall()
         assert stored
         for experiment, config_hash in stored:
-            assert load_experiment(experiment, overlay=overlay).config_hash() == config_hash, (run, experiment)
+            config = load_experiment(experiment, overlay=overlay)
+            if run == "v13_gpu":  # run before length batching, bf16 and batches of 32 became the defaults
+                config.training.batching, config.evaluation.batch_size = "random", 16
+                config.training.precision = config.evaluation.precision = "fp32"
+            else:  # the _cpu preset pins both
+                assert config.training.batching == "random" and config.training.precision == "fp32"
+            assert config.config_hash() == config_hash, (run, experiment)
+            config.training.batching = "length"
+            assert config.config_hash() != config_hash
+            config.training.batching, config.evaluation.precision = "random", "bf16"
+            assert config.config_hash() != config_hash
     config = load_experiment("S1_anchor", overlay="_cpu")
     assert config.training.controller_lr is None and config.to_dict()["training"]["controller_lr"] is None
     faster = dataclasses.replace(config, training=dataclasses.replace(config.training, controller_lr=1e-2))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from bem.errors import BEMError
+from bem.precision import bf16_supported
 
 GOALS = {"decode_ms": 1.10, "prefill_ms": 1.05}  # BEM routed over base, at equal precision
 TRAIN_GOAL = 1.0  # BEM routed train step over PEFT LoRA's at equal rank
@@ -53,15 +54,6 @@ def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 runs natively: CUDA devices that support it; CPUs whose oneDNN has bf16 kernels (AVX512-BF16 or
-    AMX). Elsewhere CPU autocast emulates bf16 and is many times slower than fp32 (measured on an AVX2-only AMD EPYC:
-    one PEFT LoRA bench round took 335 s in bf16 against 26 s in fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _seeded_(params, seed: int) -> None:

@@ -1,6 +1,7 @@
 """Batched greedy generation and per-item scoring of the task suite (`bem eval`)."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -21,13 +22,17 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
              side: torch.Tensor | None = None, desc: str = "generate") -> list[str]:
     """Greedy replies to chat prompts, batched by length with left padding and the KV cache.
 
-    With BEM attached, each row's real prompt length and side inputs go to the controller.
+    Prompts are sorted by length and cut into batches of `batch_size`; within a batch a row that has emitted the end
+    token leaves the batch (see `greedy`), so finished rows cost nothing. With BEM attached, each row's real prompt
+    length and side inputs go to the controller. Replies do not depend on `batch_size` (tested).
     """
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     replies = [""] * len(prompts)
     bem = getattr(model, "_bem_runtime", None) is not None
     device = next(model.parameters()).device  # after training on a GPU the model is still there
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         idx = order[start:start + batch_size]
         width = max(len(encoded[i]) for i in idx)
@@ -41,11 +46,53 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
             kwargs["bem_prompt_len"] = mask.sum(1).to(device)
             if side is not None:
                 kwargs["bem_side"] = side[idx].to(device)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, **kwargs)
+        out = greedy(model, ids.to(device), mask.to(device), max_new_tokens, eos, **kwargs)
         for row, i in enumerate(idx):
-            replies[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+            replies[i] = tokenizer.decode(out[row], skip_special_tokens=True)
     return replies
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int],
+           **kwargs) -> list[list[int]]:
+    """Greedy continuation of a left-padded batch: each row's new tokens, up to and including its first end token.
+
+    The same tokens as `model.generate(do_sample=False)` (tested), but a row that has ended is dropped from the
+    batch, its KV cache and BEM's routing state (`BEMRuntime.select_rows`), so the remaining rows' steps get cheaper
+    instead of computing pads until the longest reply ends. Only the last position's logits are computed.
+    `kwargs` (bem_prompt_len, bem_side, bem_mask: one row per sequence) go to every call, as generate passes them.
+    """
+    from transformers import DynamicCache
+
+    cache, runtime = DynamicCache(), getattr(model, "_bem_runtime", None)
+    accepted = inspect.signature(model.forward).parameters
+    takes_positions = "position_ids" in accepted
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    cache_name = "cache" if "cache" in accepted else "past_key_values"  # transformers 5.24 renamed it
+    rows = torch.arange(len(ids), device=ids.device)  # batch row → input row
+    new: list[list[int]] = [[] for _ in range(len(ids))]
+    stop = torch.tensor(eos, device=ids.device)
+    step_ids = ids
+    for step in range(max_new_tokens):
+        extra = {"position_ids": (mask.cumsum(1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]} if takes_positions else {}
+        logits = model(input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_name: cache}, **last_only,
+                       **extra, **kwargs).logits[:, -1]
+        token = logits.argmax(-1)
+        for row, t in zip(rows.tolist(), token.tolist()):
+            new[row].append(t)
+        going = ~torch.isin(token, stop)
+        if step == max_new_tokens - 1 or not going.any():
+            break
+        if not going.all():  # rows that ended leave the batch, its cache and its routing state
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            if runtime is not None:
+                runtime.select_rows(cache, keep)
+            rows, token, mask = rows[keep], token[keep], mask[keep]
+            kwargs = {k: v[keep] if torch.is_tensor(v) and v.dim() else v for k, v in kwargs.items()}
+        step_ids = token.unsqueeze(1)
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+    return new
 
 
 # SPEC §6 index swap: the evidence (prompt) and evidence features (side input) an item is evaluated with

@@ -83,8 +83,9 @@ class BEMLayer(nn.Module):
         return runtime.gather(self.coefficients(codes if mask is None else codes * mask))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """s · U diag(c) Vᵀ x, per token."""
-        h = x.to(self.V.dtype) @ self.V
+        """s · U diag(c) Vᵀ x, per token. Under autocast x goes in as it is (autocast casts; casting it to V's fp32
+        first would cost two casts per site and call)."""
+        h = (x if torch.is_autocast_enabled(x.device.type) else x.to(self.V.dtype)) @ self.V
         return (h * self.token_coefficients(x)) @ self.U.T * self.scaling
 
     def gated_input(self, x: torch.Tensor) -> torch.Tensor:

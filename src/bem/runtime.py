@@ -190,6 +190,22 @@ class BEMRuntime:
             self._roll_back(state, past)
         return state
 
+    def select_rows(self, cache, index: torch.Tensor) -> None:
+        """Keep only the rows `index` of the stream `cache` holds (after `cache.batch_select_indices(index)`), so
+        finished sequences can leave a batch between cached calls; the remaining rows' routing is unchanged."""
+        state = self.streams.get(cache)
+        if state is None:
+            return  # no routed stream on this cache (static BEM or BEM disabled): nothing to select
+        for name in ("prompt_len", "side", "gate_bias", "chunk", "code", "window_sum", "window_count", "seen",
+                     "prompt_reads"):
+            value = getattr(state, name)
+            if value is not None:
+                setattr(state, name, value[index])
+        for undo in state.history:
+            undo.before = {k: v[index] if torch.is_tensor(v) else v for k, v in undo.before.items()}
+            undo.codes, undo.rel, undo.valid = undo.codes[index], undo.rel[index], undo.valid[index]
+            undo.masked, undo.switched = undo.masked[index], undo.switched[index]
+
     def _roll_back(self, st: StreamState, length: int) -> None:
         """Follow a crop of the cache to `length` positions back into one of the stream's last ROLLBACK_CALLS calls.
 

@@ -98,14 +98,20 @@ class TrainingConfig:
     """Linear warm-up, then linear decay to 0 at `steps`."""
     max_grad_norm: float = 1.0
     """Gradient clipping (global L2 norm)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Training precision: fp32, or bf16 autocast with fp32 module weights."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """fp32, or bf16 autocast (BEM's weights and AdamW's state stay fp32); auto: bf16 where the hardware runs it
+    natively, else fp32 (bem.precision). Resolved when the config is loaded; the hash holds the resolved value."""
     checkpoint_every: int = 50
     """Save a resumable checkpoint every N optimizer steps (and at the end)."""
     max_length: int = 256
     """Tokens per training example (prompt + target)."""
     train_items: int = 2000
     """Training items per task (evenly spread through the train split)."""
+    batching: Literal["length", "random"] = "length"
+    """How examples are grouped into micro-batches. length: each seeded window of 32 batches' worth of examples is
+    sorted by length and cut into batches (shuffled within the window), so little of a batch is padding; every
+    example once per epoch. random: consecutive examples of one seeded permutation (how stored results before
+    this field were trained; left out of the config hash)."""
 
 
 @dataclass
@@ -115,6 +121,9 @@ class EvalConfig:
     batch_size: int = 16
     split: Literal["test", "dev"] = "test"
     """Split the items are drawn from."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """fp32, or the whole model cast to bf16 for the evaluation (no autocast, no per-call casts); auto as for
+    training. Hashed only when bf16 (stored results were evaluated in fp32)."""
     swap_seeds: int | None = None
     """Evaluate the index-swap conditions (SPEC §6) for the first N seeds of the experiment only (null: every seed).
     Not part of the config hash: it changes no clean score, only how many units also get the swapped conditions."""
@@ -163,21 +172,28 @@ class ExperimentConfig:
         return d
 
     def config_hash(self) -> str:
-        """Hash of everything that changes results (the description does not). Optional fields added after
-        results were stored (`HASH_OPTIONAL`) count only when set, so stored units keep their hashes."""
+        """Hash of everything that changes results (the description does not). Fields added after results were
+        stored (`HASH_OPTIONAL`) count only when they differ from what those were trained with, so stored units
+        keep their hashes."""
+        from bem.precision import resolve
+
         d = self.to_dict()
         d.pop("description")
         d.pop("seeds")
-        for section, key in HASH_OPTIONAL:
-            if d[section].get(key) is None:
+        for section in ("training", "evaluation"):  # a config built in code may still say auto
+            d[section]["precision"] = resolve(d[section]["precision"])
+        for (section, key), stored in HASH_OPTIONAL.items():
+            if d[section].get(key) == stored:
                 d[section].pop(key, None)
         for section, key in HASH_EXCLUDED:
             d[section].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-# (section, field) of config fields that default to None and leave the hash unchanged while None
-HASH_OPTIONAL = (("training", "controller_lr"),)
+# (section, field): the value of a field added after results were stored that those results were trained with;
+# the field is hashed only when it differs from it
+HASH_OPTIONAL = {("training", "controller_lr"): None, ("training", "batching"): "random",
+                 ("evaluation", "precision"): "fp32"}
 # (section, field) of config fields that change no stored result (how much extra is evaluated), never hashed
 HASH_EXCLUDED = (("evaluation", "swap_seeds"),)
 
@@ -409,6 +425,10 @@ def _load(name_or_path: str | Path, directory: Path, overlay: str | None, parity
     config = _build(ExperimentConfig, data, "", source)
     config.source = str(path)
     _check(config, source)
+    from bem.precision import resolve
+
+    config.training.precision = resolve(config.training.precision)  # `auto` → what this machine runs natively
+    config.evaluation.precision = resolve(config.evaluation.precision)
     if parity:
         _check_references(config, path.parent, source)
         check_parity(config, path.parent)

@@ -13,6 +13,7 @@ from bem.experiments.adapters import unit_data, unit_name  # runner.unit_name is
 from bem.experiments.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, load_experiment
 from bem.experiments.results import ResultsDB, data_key
 from bem.experiments.training import train_unit
+from bem.precision import inference_precision, resolve
 from bem.tasks import SPECS, side_layout
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,9 @@ def evaluate_conditions(db: ResultsDB, unit_id: int, model, tokenizer, config: E
     crash keeps what was done and a rerun evaluates only the rest."""
     for task, condition in todo:
         start = time.perf_counter()
-        rows, summary = evaluate_task(model, tokenizer, task, config.evaluation.items, config.evaluation.split,
-                                      config.evaluation.batch_size, data_root, _layout(config), condition=condition)
+        with inference_precision(model, resolve(config.evaluation.precision)):
+            rows, summary = evaluate_task(model, tokenizer, task, config.evaluation.items, config.evaluation.split,
+                                          config.evaluation.batch_size, data_root, _layout(config), condition=condition)
         db.write_condition(unit_id, condition, rows)
         log.info("%s unit %d: %s %s evaluated in %.0f s (%s)", config.name, unit_id, task, condition,
                  time.perf_counter() - start, summary["means"])
@@ -104,8 +106,9 @@ def store_routing(db: ResultsDB, unit_id: int, model, tokenizer, config: Experim
 
     for task in tasks:
         step = max(1, len(rows[task]) // ROUTING_ITEMS)  # evenly spread: the pass costs about one prefill per item
-        stats = measure_task_routing(model, tokenizer, task, rows[task][::step][:ROUTING_ITEMS], _layout(config),
-                                     data_root, config.evaluation.split, config.evaluation.batch_size)
+        with inference_precision(model, resolve(config.evaluation.precision)):
+            stats = measure_task_routing(model, tokenizer, task, rows[task][::step][:ROUTING_ITEMS], _layout(config),
+                                         data_root, config.evaluation.split, config.evaluation.batch_size)
         db.write_routing(unit_id, task, stats)
 
 
@@ -140,12 +143,13 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
     layout = _layout(config)
     rows, summaries, by_task = [], [], {}
     start = time.perf_counter()
-    for task in config.tasks:
-        r, s = evaluate_task(unit.model, unit.tokenizer, task, config.evaluation.items, config.evaluation.split,
-                             config.evaluation.batch_size, data_root, layout)
-        rows += r
-        by_task[task] = r
-        summaries.append(s)
+    with inference_precision(unit.model, resolve(config.evaluation.precision)):  # fp32 weights back before saving
+        for task in config.tasks:
+            r, s = evaluate_task(unit.model, unit.tokenizer, task, config.evaluation.items, config.evaluation.split,
+                                 config.evaluation.batch_size, data_root, layout)
+            rows += r
+            by_task[task] = r
+            summaries.append(s)
     eval_seconds = time.perf_counter() - start
     save_bem(unit.model, out / "adapters" / name)
     unit_id = db.write_unit(run_id, config.name, config.config_hash(), config.to_dict(), seed, rows, summaries,

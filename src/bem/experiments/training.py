@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from bem import attach_bem, bem_state_dict
 from bem.attach import _check_tensors, _crash_point, _fsync, _sha256
 from bem.errors import CheckpointError
-from bem.data.batches import Example, collate
+from bem.data.batches import BatchSchedule, Example, encode_cached, pad_batch
 from bem.experiments.config import ExperimentConfig, TrainingConfig
 from bem.models import load_base
+from bem.precision import resolve
 from bem.tasks import SPECS, load_items, side_layout, side_vectors, training_target
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,39 @@ def training_examples(config: ExperimentConfig, data_root: Path | None = None) -
         spec = SPECS[task]
         examples += [Example(spec.prompt(it), training_target(task, it), side) for it, side in zip(items, sides)]
     return examples
+
+
+def target_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], head: torch.nn.Module | None = None
+                ) -> torch.Tensor:
+    """Hugging Face's causal-LM loss (mean cross-entropy over every token whose label is not -100, each predicted
+    from the position before it), with the output head run only at those positions.
+
+    At the default budget the head (49152 × 576 for SmolLM2) is ~1/5 of a step's FLOPs while only ~1/8 of the
+    real positions carry loss. A pre-hook on `head` (default `model.get_output_embeddings()`; under Accelerate pass the
+    unwrapped model's) hands it the hidden states of those positions only, so the model's own post-processing of the
+    logits (Gemma-2's soft-capping) still applies. `model` is called as given (BEM-wrapped, DDP-wrapped) without
+    labels; a model without an output head gets `model(**batch).loss`.
+    """
+    head = model.get_output_embeddings() if head is None else head
+    if head is None:
+        return model(**batch).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    rows, cols = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
+
+    def gather(module, args):
+        hidden = args[0]
+        if hidden.shape[:2] != labels.shape:
+            raise RuntimeError(f"target_loss: the output head got hidden states of shape {tuple(hidden.shape)}, "
+                               f"expected (batch, length) = {tuple(labels.shape)} first")
+        return (hidden[rows, cols],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        logits = model(**inputs).logits
+    finally:
+        handle.remove()
+    return torch.nn.functional.cross_entropy(logits.float(), labels[rows, cols + 1])
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -365,7 +399,7 @@ def train_unit(config: ExperimentConfig, seed: int, checkpoint_dir: Path, data_r
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()  # each unit sets its own precision; the process group (PartialState) stays
-    accelerator = Accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no",
+    accelerator = Accelerator(mixed_precision="bf16" if resolve(tc.precision) == "bf16" else "no",
                               gradient_accumulation_steps=tc.grad_accum)
     optimizer = build_optimizer(model, tc)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -382,21 +416,21 @@ def train_unit(config: ExperimentConfig, seed: int, checkpoint_dir: Path, data_r
     examples = training_examples(config, data_root) if start < tc.steps else []
     if not examples and start < tc.steps:
         raise ValueError(f"{config.source}: no task of {config.tasks} has training targets")
-    order = np.random.default_rng(seed).permutation(len(examples))
-    per_step = tc.batch_size * tc.grad_accum
+    rows = encode_cached(tokenizer, examples, tc.max_length)
+    schedule = BatchSchedule([len(r) for r in rows], tc.batch_size, seed, tc.batching) if rows else None
     world, rank = accelerator.num_processes, accelerator.process_index  # DDP: each rank takes its own micro-batches
+    head = accelerator.unwrap_model(model).get_output_embeddings()
 
     model.train()
     bar = tqdm(range(start, tc.steps), desc=f"train {config.name} s{seed}", unit="step", initial=start, total=tc.steps)
     for step in bar:
         losses = []
         for micro in range(tc.grad_accum):
-            at = (step * per_step * world + (micro * world + rank) * tc.batch_size) % len(examples)
-            idx = [order[(at + i) % len(examples)] for i in range(tc.batch_size)]
-            batch = collate(tokenizer, [examples[i] for i in idx], max_length=tc.max_length)
+            batch = pad_batch([rows[i] for i in schedule((step * tc.grad_accum + micro) * world + rank)],
+                              tokenizer.pad_token_id)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = target_loss(model, batch, head)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(f"{config.name} seed {seed}: loss is {loss.item()} at step {step}; "
                                            "the unit stops and writes no scores")
