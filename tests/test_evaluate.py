@@ -51,6 +51,8 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tokenizer, routed):
     alone = [generate(model, tokenizer, [p], max_new_tokens=8, side=None if side is None else side[i:i + 1])[0]
              for i, p in enumerate(prompts)]
     assert batched == alone and any(batched)
+    # and the batch size does not change any reply (evaluation.batch_size only sets speed)
+    assert generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2, side=side) == batched
 
 
 def test_eval_zero_shot_command_scores_and_resumes(tmp_path, monkeypatch, capsys):

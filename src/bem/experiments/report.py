@@ -289,14 +289,23 @@ def write_report(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = 
     lines += ["", "## Units", "",
               "Every unit stored, by config and data build; the analysis uses each experiment's latest (marked ●) and "
               "never pools units of different configs or data builds.", "",
-              "| experiment | config | data build | seeds | train s | eval s |", "|---|---|---|---|---|---|"]
+              "Seconds are per unit (mean over its seeds), as `bem run` measured them on the machine that ran it: "
+              "training (steps × batch in the budget table) and the clean evaluation of every task. Precision: "
+              "training / evaluation; batches: how examples were grouped (`training.batching`).", "",
+              "| experiment | config | data build | seeds | train s/unit | eval s/unit | precision | batches |",
+              "|---|---|---|---|---|---|---|---|"]
     latest = {(e, h, d) for e, h, d in conn.execute("SELECT DISTINCT experiment, config_hash, data_fingerprint FROM units")}
-    for experiment, config_hash, data, seeds, train, evals in conn.execute(
-            "SELECT experiment, config_hash, data_fingerprint, GROUP_CONCAT(seed), SUM(train_seconds), "
-            "SUM(eval_seconds) FROM main.units GROUP BY experiment, config_hash, data_fingerprint ORDER BY experiment"):
+    for experiment, config_hash, data, seeds, train, evals, config in conn.execute(
+            "SELECT u.experiment, u.config_hash, u.data_fingerprint, GROUP_CONCAT(u.seed), AVG(u.train_seconds), "
+            "AVG(u.eval_seconds), c.json FROM main.units u LEFT JOIN configs c ON c.hash = u.config_hash "
+            "GROUP BY u.experiment, u.config_hash, u.data_fingerprint ORDER BY u.experiment"):
         build = ", ".join(f"{t} `{f[:8]}`" for t, f in json.loads(data).items()) if data else "not recorded"
         mark = " ●" if (experiment, config_hash, data) in latest else ""
-        lines.append(f"| {experiment}{mark} | `{config_hash}` | {build} | {seeds} | {train:.0f} | {evals:.0f} |")
+        config = json.loads(config) if config else {}
+        precision = "/".join(config.get(section, {}).get("precision", "fp32") for section in ("training", "evaluation"))
+        batching = config.get("training", {}).get("batching", "random")  # configs stored before the field: random
+        lines.append(f"| {experiment}{mark} | `{config_hash}` | {build} | {seeds} | {train:.0f} | {evals:.0f} | "
+                     f"{precision} | {batching} |")
     lines += ["", "## Scores (latest config of each experiment; mean over items and seeds)", "",
               "Corpus BLEU/chrF: each seed's corpus score, recomputed from its stored replies on the same string the "
               "per-item score uses (a translation's first line), then the mean over seeds.", "",
