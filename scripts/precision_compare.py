@@ -100,4 +100,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from bem.errors import BEMError
+
+    try:
+        main()
+    except BEMError as err:  # a bad --experiment or --preset: one line, as the bem command prints it
+        sys.exit(f"error: {err}")

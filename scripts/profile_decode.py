@@ -11,6 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bem import bench
+from bem.precision import autocast
 
 
 def main() -> None:
@@ -28,7 +29,7 @@ def main() -> None:
         model.eval()
         kwargs = bench._kwargs(side_dim, args.batch, args.prompt_len, device)
         for precision in ("fp32", "bf16") if bench.bf16_supported(device) else ("fp32",):  # emulated bf16 says nothing
-            with torch.no_grad(), bench._autocast(device, precision):
+            with torch.no_grad(), autocast(device, precision):
                 out = model(ids, use_cache=True, **kwargs)
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
                 for _ in range(2):  # warm-up steps

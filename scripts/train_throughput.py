@@ -10,6 +10,7 @@ Both losses run forward + backward on the same batch (the first of the random sc
 from __future__ import annotations
 
 import argparse
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -78,4 +79,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from bem.errors import BEMError
+
+    try:
+        main()
+    except BEMError as err:  # a bad --experiment or --preset: one line, as the bem command prints it
+        sys.exit(f"error: {err}")

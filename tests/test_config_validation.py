@@ -83,6 +83,8 @@ CASES = [
     case("training:\n  train_items: 0\n", "training.train_items = 0", ">= 1 and <= 10000000"),
     case("training:\n  train_items: 100000000\n", "training.train_items = 100000000", "<= 10000000"),
     case("training:\n  precision: fp8\n", "training.precision = 'fp8'", "one of 'auto', 'fp32', 'bf16'"),
+    case("training:\n  batching: sorted\n", "training.batching = 'sorted'", "one of 'length', 'random'"),
+    case("evaluation:\n  precision: half\n", "evaluation.precision = 'half'", "one of 'auto', 'fp32', 'bf16'"),
     case("training:\n  precision: [fp32]\n", "training.precision = ['fp32']", "one of 'auto', 'fp32', 'bf16'"),
     case("training:\n  stpes: 3\n", "unknown field(s) ['training.stpes']", "'steps'"),
     case("training: 5\n", "training must be a mapping", "got 5"),

@@ -13,7 +13,6 @@ full path (no ΔW = 0 shortcuts exist in BEM or PEFT).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import platform
 import time
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from bem.errors import BEMError
-from bem.precision import bf16_supported
+from bem.precision import autocast, bf16_supported
 
 GOALS = {"decode_ms": 1.10, "prefill_ms": 1.05}  # BEM routed over base, at equal precision
 TRAIN_GOAL = 1.0  # BEM routed train step over PEFT LoRA's at equal rank
@@ -48,12 +47,6 @@ class Row:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _seeded_(params, seed: int) -> None:
@@ -164,7 +157,7 @@ def bench(subjects: list[str] = list(SUBJECTS), precisions: tuple[str, ...] | No
             model, params, optimizer, kwargs, train_kwargs = held[name]
             for precision in precisions:
                 start = time.perf_counter()
-                with _autocast(dev, precision):
+                with autocast(dev, precision):
                     prefill, decode = _prefill_and_decode(model, ids, kwargs, decode_steps, dev)
                     tokens_per_s = _generate(model, ids, kwargs, new_tokens, dev)
                     train = _train_step(model, params, optimizer, train_ids, train_kwargs, dev) if params else None
