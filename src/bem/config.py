@@ -75,6 +75,8 @@ LIMITS: dict[str, Limit] = {
     "film": Limit(0, 65536, "FiLM channel groups per block; 0 = off"),
     "film_gamma_max": Limit(0, 100, "clamp on |γ − 1|", low_open=True),
     "film_beta_max": Limit(0, 100, "clamp on |β|", low_open=True),
+    "experts": Limit(1, "rank", "blocks (experts) the r directions are split into; 1 = no bank"),
+    "max_switches": Limit(0, 65536, "chunk-code switches allowed per sequence", null="unlimited"),
 }
 """Allowed ranges of BEMConfig's numeric options (of each element, for the lists `layers` and
 `kron_factor`); `bem.experiments.config.LIMITS` holds them too, under `bem.`."""
@@ -170,6 +172,12 @@ class BEMConfig:
     """Clamp |γ − 1| ≤ this."""
     film_beta_max: float = 0.5
     """Clamp |β| ≤ this."""
+    # --- expert bank and router (SPEC §1, §4) ------------------------------------------------------
+    experts: int = 1
+    """E: the r directions of every site split into E consecutive blocks of r/E ("experts"); a code or mask
+    that is non-zero on one block selects that expert (bem.experts). 1: no bank. Must divide rank."""
+    max_switches: int | None = None
+    """Plan limit: at most this many accepted chunk-code switches per sequence (the router's is 3); None: no limit."""
     source: str = field(default="", compare=False, repr=False)
     """Where this config came from (file name), used in error messages only."""
 
@@ -224,6 +232,11 @@ class BEMConfig:
         for name in ("head_groups", "kron_terms", "film"):
             _check(src, name, getattr(self, name), integer=True)
         _check(src, "dynamic_rank", self.dynamic_rank, integer=True, bound=self.rank)
+        _check(src, "experts", self.experts, integer=True, bound=self.rank)
+        if self.rank % self.experts:
+            _fail(src, "experts", self.experts, f"a divisor of rank = {self.rank} (each expert gets rank / experts "
+                  "directions)")
+        _check(src, "max_switches", self.max_switches, integer=True)
         for name in ("film_gamma_max", "film_beta_max"):
             _check(src, name, getattr(self, name), integer=False)
         if (not all(_is_int(i) and 0 <= i < self.side_dim for i in self.gate_features)

@@ -193,7 +193,7 @@ class ExperimentConfig:
 # (section, field): the value of a field added after results were stored that those results were trained with;
 # the field is hashed only when it differs from it
 HASH_OPTIONAL = {("training", "controller_lr"): None, ("training", "batching"): "random",
-                 ("evaluation", "precision"): "fp32"}
+                 ("evaluation", "precision"): "fp32", ("bem", "experts"): 1, ("bem", "max_switches"): None}
 # (section, field) of config fields that change no stored result (how much extra is evaluated), never hashed
 HASH_EXCLUDED = (("evaluation", "swap_seeds"),)
 
