@@ -22,7 +22,7 @@ from bem.config import BEMConfig
 from bem.controller import Controller
 
 # the StreamState fields one call changes; an Undo keeps their values from before the call
-CARRIED = ("chunk", "code", "window_sum", "window_count", "seen", "prompt_done")
+CARRIED = ("chunk", "code", "window_sum", "window_count", "seen", "prompt_done", "switches")
 ROLLBACK_CALLS = 64  # a cache may be cropped back into any of its stream's last this many calls
 
 
@@ -67,6 +67,7 @@ class StreamState:
     window_count: torch.Tensor  # (B,)
     seen: torch.Tensor  # (B,) real tokens processed so far
     prompt_done: bool  # the prompt code has been computed
+    switches: torch.Tensor  # (B,) chunk-code switches accepted so far (BEMConfig.max_switches caps them)
     length: int = 0  # cache positions (pads included) processed: the cache's length at the next call
     history: list[Undo] = field(default_factory=list, repr=False)  # the last calls, oldest first
     prompt_reads: torch.Tensor | None = field(default=None, repr=False)  # (B, P, d) read states of the prompt
@@ -197,7 +198,7 @@ class BEMRuntime:
         if state is None:
             return  # no routed stream on this cache (static BEM or BEM disabled): nothing to select
         for name in ("prompt_len", "side", "gate_bias", "chunk", "code", "window_sum", "window_count", "seen",
-                     "prompt_reads"):
+                     "switches", "prompt_reads"):
             value = getattr(state, name)
             if value is not None:
                 setattr(state, name, value[index])
@@ -236,6 +237,8 @@ class BEMRuntime:
         at = torch.arange(len(last), device=last.device)
         st.code, st.window_sum, st.window_count = undo.codes[at, last], sums[at, last], counts[at, last]
         st.chunk, st.seen = before["chunk"] + last, before["seen"] + valid.long().sum(1)
+        reached = torch.arange(undo.switched.shape[1], device=last.device) <= last.unsqueeze(1)
+        st.switches = before["switches"] + (undo.switched & reached).sum(1)
         st.prompt_done = before["prompt_done"] or kept > 0
         st.length = undo.start + kept
         return last
@@ -306,16 +309,27 @@ class BEMRuntime:
         last = torch.where(valid, rel, 0).amax(1)  # each sequence's last segment in this call
         codes, switched = [current], [torch.zeros(batch, dtype=torch.bool, device=hidden.device)]
         if n_seg > 1:
-            bias = None if st.gate_bias is None else st.gate_bias.unsqueeze(1)
-            candidates = ctrl(ctrl.summarize(sums[:, :-1], counts[:, :-1]),
-                              st.side.unsqueeze(1).expand(-1, n_seg - 1, -1), bias)
+            limit, count = self.config.max_switches, st.switches
+            summaries = ctrl.summarize(sums[:, :-1], counts[:, :-1])
+            sequential = hasattr(ctrl, "decide")  # a router: each decision depends on the action in force
+            if not sequential:
+                bias = None if st.gate_bias is None else st.gate_bias.unsqueeze(1)
+                candidates = ctrl(summaries, st.side.unsqueeze(1).expand(-1, n_seg - 1, -1), bias)
             for j in range(1, n_seg):
-                change = (candidates[:, j - 1] - current).pow(2).mean(-1).sqrt()
-                switch = change > self.config.hysteresis_tau
-                switch = switch & (st.chunk + j - 1 >= 0)  # the first chunk after the prompt keeps the prompt code
-                current = torch.where(switch[:, None], candidates[:, j - 1], current)
+                # the first chunk after the prompt keeps the prompt code; past the plan limit the code stays
+                allowed = (st.chunk + j - 1 >= 0) & (last >= j)
+                if limit is not None:
+                    allowed = allowed & (count < limit)
+                if sequential:
+                    candidate, switch = ctrl.decide(summaries[:, j - 1], st.side, current, allowed)
+                else:
+                    candidate = candidates[:, j - 1]
+                    switch = (candidate - current).pow(2).mean(-1).sqrt() > self.config.hysteresis_tau
+                switch = switch & allowed
+                current = torch.where(switch[:, None], candidate, current)
+                count = count + switch.long()
                 codes.append(current)
-                switched.append(switch & (last >= j))
+                switched.append(switch)
         self._codes, self._segment = torch.stack(codes, 1), rel
         switched = torch.stack(switched, 1)
         if n_seg > 1:
@@ -369,5 +383,5 @@ class BEMRuntime:
         return StreamState(
             use_prompt=use_prompt, prompt_len=call.prompt_len if use_prompt else zeros, side=side, gate_bias=gate_bias,
             chunk=chunk, code=code, window_sum=hidden.new_zeros(batch, d), window_count=zeros.clone(),
-            seen=zeros.clone(), prompt_done=not use_prompt,
+            seen=zeros.clone(), prompt_done=not use_prompt, switches=zeros.clone(),
         )
