@@ -317,11 +317,10 @@ class BEMRuntime:
                 candidates = ctrl(summaries, st.side.unsqueeze(1).expand(-1, n_seg - 1, -1), bias)
             for j in range(1, n_seg):
                 # the first chunk after the prompt keeps the prompt code; past the plan limit the code stays
-                allowed = (st.chunk + j - 1 >= 0) & (last >= j)
-                if limit is not None:
-                    allowed = allowed & (count < limit)
+                live = (st.chunk + j - 1 >= 0) & (last >= j)
+                allowed = live if limit is None else live & (count < limit)
                 if sequential:
-                    candidate, switch = ctrl.decide(summaries[:, j - 1], st.side, current, allowed)
+                    candidate, switch = ctrl.decide(summaries[:, j - 1], st.side, current, live, allowed)
                 else:
                     candidate = candidates[:, j - 1]
                     switch = (candidate - current).pow(2).mean(-1).sqrt() > self.config.hysteresis_tau

@@ -75,7 +75,9 @@ class Decision:
     action: torch.Tensor  # (B,) sampled or greedy action
     logp: torch.Tensor  # (B,) log π(action | state)
     previous: torch.Tensor  # (B,) action in force before (-1 for an initial decision)
-    allowed: torch.Tensor = field(default=None)  # (B,) bool
+    live: torch.Tensor = field(default=None)  # (B,) bool: a real decision (the row reached the chunk; not the first
+    # chunk after the prompt, which keeps the prompt's action)
+    allowed: torch.Tensor = field(default=None)  # (B,) bool: live and the plan limit leaves room for a switch
     switched: torch.Tensor = field(default=None)  # (B,) bool: the action replaced the one in force
 
 
@@ -136,19 +138,20 @@ class Router(Controller):
         previous = torch.full(summary.shape[:1], -1, dtype=torch.long, device=summary.device)
         a, _, record = self._decide("initial", summary, side, previous)
         if self.trace is not None:
-            record.allowed = record.switched = torch.ones_like(a, dtype=torch.bool)
+            record.live = record.allowed = record.switched = torch.ones_like(a, dtype=torch.bool)
             self.trace.append(record)
         return self.code(a).to(summary.dtype)
 
     def decide(self, summary: torch.Tensor, side: torch.Tensor | None, current: torch.Tensor,
-               allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """At a chunk boundary: (the proposed action's code (B, W), whether it should replace `current`)."""
+               live: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """At a chunk boundary: (the proposed action's code (B, W), whether it should replace `current`); `live` and
+        `allowed` (see Decision) are recorded only, the runtime applies them."""
         previous = self.action_of(current)
         a, logp, record = self._decide("chunk", summary, side, previous)
         gain = logp.gather(-1, a[:, None]).squeeze(-1) - logp.gather(-1, previous[:, None]).squeeze(-1)
         want = (a != previous) & (gain > self.tau)
         if self.trace is not None:
-            record.allowed, record.switched = allowed, want & allowed
+            record.live, record.allowed, record.switched = live, allowed, want & allowed
             self.trace.append(record)
         return self.code(a).to(current.dtype), want
 
