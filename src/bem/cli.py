@@ -117,6 +117,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+SEED_MAX = 2**31 - 1  # as the experiments' seeds (bem.experiments.config.LIMITS["seeds"])
+
+
+def cmd_experts_train(args: argparse.Namespace) -> int:
+    from bem.experts import train_bank
+
+    try:
+        seed = int(args.seed)
+    except ValueError:
+        seed = None
+    if seed is None or not 0 <= seed <= SEED_MAX:
+        raise BEMError(f"--seed {args.seed!r} is not allowed; expected an integer in [0, {SEED_MAX}]")
+    out = Path(args.out or ("runs/experts-quick" if args.quick else "runs/experts"))
+    if out.exists() and not out.is_dir():
+        raise BEMError(f"--out {out} is a file; expected a run folder")
+    train_bank(args.experiment, out, quick=args.quick, seed=seed)
+    print((out / "experts.md").read_text(), end="")
+    print(f"bank in {out / 'bank'}, table in {out / 'experts.md'}, per-item scores in {out / 'results.sqlite'} "
+          f"and {out / 'zero_shot'}")
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from bem.experiments.analysis import analyze
 
@@ -346,6 +368,17 @@ def _main(argv: list[str]) -> int:
     ev.add_argument("--batch-size", type=_positive, default=16)
     ev.add_argument("--out", default="runs/zero_shot", help="results folder (default: runs/zero_shot)")
     ev.set_defaults(func=cmd_eval)
+    experts = sub.add_parser("experts", help="the expert bank (SPEC §4)").add_subparsers(dest="experts_command",
+                                                                                         required=True)
+    bank = experts.add_parser("train", help="train the bank in one unit (resumable, like bem run), save it to OUT/bank "
+                              "and compare each expert alone with the zero-shot base model on its task (OUT/experts.md)")
+    bank.add_argument("--quick", action="store_true", help="small budgets (experiments/_quick.yaml; the bank keeps "
+                      "its own tasks)")
+    bank.add_argument("--out", default=None, help="run folder (default: runs/experts, runs/experts-quick with --quick)")
+    bank.add_argument("--seed", default="0", help="the unit's seed (default: 0)")
+    bank.add_argument("--experiment", default="experts_bank", help="the bank's experiment: a name under experiments/ "
+                      "or a .yaml path (default: experts_bank)")
+    bank.set_defaults(func=cmd_experts_train)
     args = parser.parse_args(argv)
     if getattr(args, "out", None) is not None and args.command == "run" and Path(args.out).exists() \
             and not Path(args.out).is_dir():

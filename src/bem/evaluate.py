@@ -19,17 +19,21 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-             side: torch.Tensor | None = None, desc: str = "generate") -> list[str]:
+             side: torch.Tensor | None = None, desc: str = "generate",
+             bem_mask: torch.Tensor | None = None) -> list[str]:
     """Greedy replies to chat prompts, batched by length with left padding and the KV cache.
 
     Prompts are sorted by length and cut into batches of `batch_size`; within a batch a row that has emitted the end
     token leaves the batch (see `greedy`), so finished rows cost nothing. With BEM attached, each row's real prompt
-    length and side inputs go to the controller. Replies do not depend on `batch_size` (tested).
+    length and side inputs go to the controller, and its row of `bem_mask` (n, r) to the sites (an expert bank's
+    block). Replies do not depend on `batch_size` (tested).
     """
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     replies = [""] * len(prompts)
     bem = getattr(model, "_bem_runtime", None) is not None
+    if bem_mask is not None and not bem:
+        raise ValueError("bem_mask was given but the model has no BEM attached; a mask selects BEM basis directions")
     device = next(model.parameters()).device  # after training on a GPU the model is still there
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
@@ -46,6 +50,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
             kwargs["bem_prompt_len"] = mask.sum(1).to(device)
             if side is not None:
                 kwargs["bem_side"] = side[idx].to(device)
+            if bem_mask is not None:
+                kwargs["bem_mask"] = bem_mask[idx].to(device)
         out = greedy(model, ids.to(device), mask.to(device), max_new_tokens, eos, **kwargs)
         for row, i in enumerate(idx):
             replies[i] = tokenizer.decode(out[row], skip_special_tokens=True)
@@ -129,12 +135,13 @@ def with_condition(task: str, items: list[dict], condition: str, split: str = "t
 
 def evaluate_task(model, tokenizer, task: str, n: int | None, split: str = "test", batch_size: int = 16,
                   root: Path | None = None, layout: dict | None = None,
-                  condition: str = "clean") -> tuple[list[dict], dict]:
+                  condition: str = "clean", mask: torch.Tensor | None = None) -> tuple[list[dict], dict]:
     """Per-item rows (id, prediction, scores) and the task's summary (means and corpus scores).
 
     With a side-input `layout` (see tasks.side_layout) each item's side vector goes to the controller.
     `condition` (SPEC §6 index swap, wordnet_qa only): 'clean', or 'shuffled' / 'corrupt', which build the
     prompt and the side features from the item's swapped evidence; same items, order and scoring as clean.
+    `mask` (r,): the mask m every item is generated with (an expert bank's expert, bem.experts); None: none.
     """
     spec = SPECS[task]
     check_condition(task, condition)  # before reading any data
@@ -142,7 +149,8 @@ def evaluate_task(model, tokenizer, task: str, n: int | None, split: str = "test
     side = torch.tensor(side_vectors(task, items, layout, root)) if layout else None
     start = time.perf_counter()
     predictions = generate(model, tokenizer, [spec.prompt(it) for it in items], spec.max_new_tokens, batch_size,
-                           side=side, desc=task if condition == "clean" else f"{task} {condition}")
+                           side=side, desc=task if condition == "clean" else f"{task} {condition}",
+                           bem_mask=None if mask is None else mask.expand(len(items), -1))
     rows = [{"task": task, "id": it["id"], "prediction": p, "scores": spec.score(p, it),
              "meta": {"slice_a": float(it["slice_a"])} if "slice_a" in it else {},
              "reference": spec.reference(it)} for it, p in zip(items, predictions)]

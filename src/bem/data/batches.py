@@ -13,6 +13,7 @@ class Example:
     prompt: str  # the user turn
     target: str  # the assistant's answer (scored; the only tokens with loss)
     side: tuple[float, ...] | None = None  # per-example side inputs (evidence or image features)
+    mask: tuple[float, ...] | None = None  # per-example mask m on the r basis directions (an expert bank's block)
 
 
 @dataclass(frozen=True, eq=False)
@@ -22,6 +23,7 @@ class Encoded:
     ids: np.ndarray
     prompt_len: int
     side: tuple[float, ...] | None = None
+    mask: tuple[float, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -46,7 +48,7 @@ def encode(tokenizer, examples: Sequence[Example], max_length: int | None = None
     for ex, prompt, target in zip(examples, prompts, targets):
         if max_length is not None:
             target = target[: max(1, max_length - len(prompt))]
-        rows.append(Encoded(np.asarray(list(prompt) + list(target), dtype=np.int64), len(prompt), ex.side))
+        rows.append(Encoded(np.asarray(list(prompt) + list(target), dtype=np.int64), len(prompt), ex.side, ex.mask))
     return rows
 
 
@@ -66,7 +68,8 @@ def encode_cached(tokenizer, examples: Sequence[Example], max_length: int | None
 
 
 def pad_batch(rows: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels (-100 off target), bem_prompt_len, bem_side."""
+    """Right-padded batch: input_ids, attention_mask, labels (-100 off target), bem_prompt_len, and bem_side and
+    bem_mask when the examples carry them."""
     if not rows:
         raise ValueError("a batch needs at least one example")
     width = max(len(r) for r in rows)
@@ -85,6 +88,11 @@ def pad_batch(rows: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Ten
         if any(s is None for s in sides) or len({len(s) for s in sides}) != 1:
             raise ValueError("side inputs must be given for every example of a batch, all of one width")
         batch["bem_side"] = torch.tensor(np.asarray(sides, dtype=np.float32))
+    masks = [r.mask for r in rows]
+    if any(m is not None for m in masks):
+        if any(m is None for m in masks) or len({len(m) for m in masks}) != 1:
+            raise ValueError("masks must be given for every example of a batch, all of one width (the rank)")
+        batch["bem_mask"] = torch.tensor(np.asarray(masks, dtype=np.float32))
     return batch
 
 

@@ -105,7 +105,8 @@ def compare(db_path: Path, n_resamples: int = 10_000,
     comparisons = []
     pairs, apart = [], {}
     for name, unit in units.items():
-        for versus in dict.fromkeys([unit["config"]["anchor"], BASELINE]):
+        baseline = BASELINE if unit["config"]["bem"].get("experts", 1) == 1 else None  # a bank's experts are not v13 variants
+        for versus in dict.fromkeys([unit["config"]["anchor"], baseline]):
             if versus and versus != name and versus in units:
                 differ = _different_builds(units[name], units[versus])
                 if differ:

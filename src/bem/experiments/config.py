@@ -500,6 +500,7 @@ def _check(config: ExperimentConfig, source: str) -> None:
     if controller_lr is not None and config.bem.controller == "static":
         raise ConfigError(f"{source}: training.controller_lr = {controller_lr!r} is not allowed with bem.controller = "
                           "'static' (no controller to train); expected null")
+    _check_bank(config, source)
     from bem.models import EMBEDDED, known_base
 
     if not known_base(config.model):
@@ -513,6 +514,23 @@ def _check(config: ExperimentConfig, source: str) -> None:
         if config.bem.side_dim != width:
             raise ConfigError(f"{source}: bem.side_dim = {config.bem.side_dim} is not allowed; the side inputs of "
                               f"tasks {config.tasks} are {width} wide (wordnet_qa 5, easy_vqa 1280), or set side_inputs: false")
+
+
+def _check_bank(config: ExperimentConfig, source: str) -> None:
+    """An expert bank (bem.experts > 1) is static, with one trainable task per expert: expert e trains on tasks[e]."""
+    experts, controller, tasks = config.bem.experts, config.bem.controller, config.tasks
+    if experts == 1:
+        return
+    if controller != "static":
+        raise ConfigError(f"{source}: bem.experts = {experts} is not allowed with bem.controller = {controller!r}; "
+                          "expected 1 (a routed bank is not supported yet) or bem.controller: static (a bank of one "
+                          "expert per task)")
+    if experts != len(tasks):
+        raise ConfigError(f"{source}: bem.experts = {experts} is not allowed with {len(tasks)} tasks {tasks}; expected "
+                          f"{len(tasks)}: a static bank trains expert e on tasks[e] alone")
+    if "safety" in tasks:
+        raise ConfigError(f"{source}: tasks[{tasks.index('safety')}] = 'safety' is not allowed in an expert bank "
+                          "(bem.experts > 1); expected tasks with training targets (safety has none)")
 
 
 def list_experiments(directory: Path = EXPERIMENTS_DIR) -> list[str]:
@@ -554,6 +572,9 @@ the loader checks with; a test keeps this file equal to it. Regenerate with
 - `training.controller_lr` must be null when `bem.controller` is `static`.
 - `bem.side_dim` must equal the width of the tasks' side inputs (wordnet_qa 5, easy_vqa 1280, in task order)
   unless `side_inputs: false` or `bem.controller: static`.
+- An expert bank (`bem.experts` > 1) needs `bem.controller: static` (a routed bank is not supported yet) and
+  exactly `bem.experts` tasks, none of them `safety`: expert e trains on `tasks[e]` alone and is evaluated on it
+  alone.
 - `bem.prefix_scope: chunk` needs `bem.controller: chunk`; `bem.head_groups`, `bem.dynamic_rank`,
   `bem.gate_features` and `bem.film` need a controller (not `static`); `bem.gate_features` needs
   `bem.head_groups > 0`; `bem.kron_sites` needs `bem.kron_factor` and `bem.tau_sigma: null`.

@@ -13,6 +13,7 @@ from bem.experiments.adapters import unit_data, unit_name  # runner.unit_name is
 from bem.experiments.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, load_experiment
 from bem.experiments.results import ResultsDB, data_key
 from bem.experiments.training import train_unit
+from bem.experts import bank_masks
 from bem.precision import inference_precision, resolve
 from bem.tasks import SPECS, side_layout
 
@@ -78,11 +79,13 @@ def evaluate_conditions(db: ResultsDB, unit_id: int, model, tokenizer, config: E
                         todo: list[tuple[str, str]], data_root: Path | None = None) -> None:
     """Evaluate a finished unit's model under each (task, condition) and commit each one on its own, so that a
     crash keeps what was done and a rerun evaluates only the rest."""
+    masks = bank_masks(config.bem, config.tasks)
     for task, condition in todo:
         start = time.perf_counter()
         with inference_precision(model, resolve(config.evaluation.precision)):
             rows, summary = evaluate_task(model, tokenizer, task, config.evaluation.items, config.evaluation.split,
-                                          config.evaluation.batch_size, data_root, _layout(config), condition=condition)
+                                          config.evaluation.batch_size, data_root, _layout(config), condition=condition,
+                                          mask=masks.get(task))
         db.write_condition(unit_id, condition, rows)
         log.info("%s unit %d: %s %s evaluated in %.0f s (%s)", config.name, unit_id, task, condition,
                  time.perf_counter() - start, summary["means"])
@@ -140,13 +143,13 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
     train_seconds = time.perf_counter() - start
     if not unit.is_main:  # under DDP only the main process evaluates and writes
         return -1
-    layout = _layout(config)
+    layout, masks = _layout(config), bank_masks(config.bem, config.tasks)  # a bank: each expert alone on its task
     rows, summaries, by_task = [], [], {}
     start = time.perf_counter()
     with inference_precision(unit.model, resolve(config.evaluation.precision)):  # fp32 weights back before saving
         for task in config.tasks:
             r, s = evaluate_task(unit.model, unit.tokenizer, task, config.evaluation.items, config.evaluation.split,
-                                 config.evaluation.batch_size, data_root, layout)
+                                 config.evaluation.batch_size, data_root, layout, mask=masks.get(task))
             rows += r
             by_task[task] = r
             summaries.append(s)
@@ -161,13 +164,18 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
 
 
 def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = None, data_root: Path | None = None,
-        directory: Path = EXPERIMENTS_DIR, command: str = "bem run", overlay: str | None = None) -> list[tuple[str, int, str]]:
+        directory: Path = EXPERIMENTS_DIR, command: str = "bem run", overlay: str | None = None,
+        seed: int | None = None) -> list[tuple[str, int, str]]:
     """Run every unfinished (experiment, seed) unit, seed by seed so that an interrupted run holds every
     experiment at its first seeds; returns (experiment, seed, 'done'|'skipped'|'backfilled'|'busy: ...'). A finished
     unit that lacks index-swap conditions (see swap_conditions) or routing statistics gets only those: 'backfilled'.
     A unit is identified by its config hash and the data build of its tasks: against a rebuilt suite every unit is
-    new. A unit another process is working on (its lease, see ResultsDB.claim) is left to it: 'busy'."""
+    new. A unit another process is working on (its lease, see ResultsDB.claim) is left to it: 'busy'. `seed`: run only
+    that seed of each experiment (`bem experts train --seed`)."""
     configs = load_configs(names, quick, seeds, directory, overlay)
+    if seed is not None:
+        for c in configs:
+            c.seeds = [seed]
     data = check_data(configs, data_root)
     main_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch / torchrun only rank 0 writes
     db = ResultsDB(out / "results.sqlite")

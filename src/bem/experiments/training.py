@@ -30,6 +30,7 @@ from bem.attach import _check_tensors, _crash_point, _fsync, _sha256
 from bem.errors import CheckpointError
 from bem.data.batches import BatchSchedule, Example, encode_cached, pad_batch
 from bem.experiments.config import ExperimentConfig, TrainingConfig
+from bem.experts import bank_masks
 from bem.models import load_base
 from bem.precision import resolve
 from bem.tasks import SPECS, load_items, side_layout, side_vectors, training_target
@@ -57,8 +58,10 @@ def seed_everything(seed: int) -> None:
 
 
 def training_examples(config: ExperimentConfig, data_root: Path | None = None) -> list[Example]:
-    """Every task's training items as examples; tasks without a target (safety) are not trained on."""
+    """Every task's training items as examples; tasks without a target (safety) are not trained on. In a static
+    expert bank each example carries its task's expert mask, so expert e learns from tasks[e] alone."""
     layout = side_layout(config.tasks) if config.side_inputs else {}
+    masks = {task: tuple(m.tolist()) for task, m in bank_masks(config.bem, config.tasks).items()}
     examples = []
     for task in config.tasks:
         if task == "safety":
@@ -66,7 +69,8 @@ def training_examples(config: ExperimentConfig, data_root: Path | None = None) -
         items = load_items(task, "train", config.training.train_items, data_root)
         sides = side_vectors(task, items, layout, data_root) if layout else [None] * len(items)
         spec = SPECS[task]
-        examples += [Example(spec.prompt(it), training_target(task, it), side) for it, side in zip(items, sides)]
+        examples += [Example(spec.prompt(it), training_target(task, it), side, masks.get(task))
+                     for it, side in zip(items, sides)]
     return examples
 
 
