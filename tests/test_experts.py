@@ -219,8 +219,8 @@ COMMON = "anchor: null\nside_inputs: false\nbem:\n  rank: 8\n  side_dim: 0\n"
 
 @pytest.mark.parametrize("body,message", [
     ("tasks: [wordnet_qa, json_format]\nbem:\n  experts: 2\n  controller: chunk\n",
-     r"x\.yaml: bem\.experts = 2 is not allowed with bem\.controller = 'chunk'; expected 1 \(a routed bank is not "
-     r"supported yet\) or bem\.controller: static"),
+     r"x\.yaml: bem\.experts = 2 is not allowed with bem\.controller = 'chunk'; expected 1 or bem\.controller: static "
+     r"\(a bank of one expert per task\); a routed bank needs a router: section"),
     ("tasks: [wordnet_qa, json_format]\nbem:\n  experts: 4\n  controller: static\n",
      r"x\.yaml: bem\.experts = 4 is not allowed with 2 tasks \['wordnet_qa', 'json_format'\]; expected 2: a static bank "
      r"trains expert e on tasks\[e\] alone"),

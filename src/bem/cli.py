@@ -44,9 +44,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{name:20s} seed {seed}: {status}")
     from bem.experiments.analysis import analyze
     from bem.experiments.report import write_report
+    from bem.router import report as router_report
 
-    report = write_report(out)
-    for v in analyze(out)["verdicts"]:
+    if router_report.is_router_folder(out):  # the router's own comparison table and verdicts
+        report = router_report.write_report(out)
+        verdicts = router_report.analyze(out)["verdicts"]
+    else:
+        report = write_report(out)
+        verdicts = analyze(out)["verdicts"]
+    for v in verdicts:
         print(f"{v['experiment']} vs {v['versus']}: {v['verdict'].upper()} — " + "; ".join(v["reasons"]))
     print(f"results in {out / 'results.sqlite'}, report {report} ({time.perf_counter() - start:.0f} s)")
     return 0
@@ -141,7 +147,20 @@ def cmd_experts_train(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from bem.experiments.analysis import analyze
+    from bem.router import report as router_report
 
+    if router_report.is_router_folder(Path(args.run_dir)):
+        result = router_report.analyze(Path(args.run_dir))
+        for row in result["rows"]:
+            gap = f" gap recovered {row['gap'].estimate:+.3f} [{row['gap'].low:+.3f}, {row['gap'].high:+.3f}]" \
+                if "gap" in row else ""
+            print(f"{row['system']}: score {row['score']:.4f} (n={row['n']}) vs best single {row['delta'].estimate:+.4f} "
+                  f"[{row['delta'].low:+.4f}, {row['delta'].high:+.4f}]{gap}")
+        for v in result["verdicts"]:
+            print(f"{v['experiment']} vs {v['versus']}: {v['verdict'].upper()}")
+            for reason in v["reasons"]:
+                print(f"  - {reason}")
+        return 0
     result = analyze(Path(args.run_dir), hierarchical=getattr(args, "hierarchical", False))
     if not result["verdicts_stored"]:
         print(f"note: {Path(args.run_dir) / 'results.sqlite'} is read-only; the verdicts were computed, not stored",
@@ -161,7 +180,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from bem.experiments.report import write_report
+    from bem.router import report as router_report
 
+    if router_report.is_router_folder(Path(args.run_dir)):
+        path = router_report.write_report(Path(args.run_dir), to=Path(args.to) if args.to else None)
+        print(f"wrote {path}")
+        return 0
     path = write_report(Path(args.run_dir), hierarchical=getattr(args, "hierarchical", False),
                         to=Path(args.to) if args.to else None)
     print(f"wrote {path}")

@@ -57,6 +57,25 @@ LIMITS: dict[str, Limit] = {
     "gates.memory_ratio": Limit(1, 10, "peak memory allowed, × the anchor's"),
     "gates.parity_tolerance": Limit(0, 0.25, "largest |ratio − 1| of added parameters and FLOPs/token to the anchor's"),
     "gates.alpha": Limit(0, 0.5, "Benjamini–Hochberg false discovery rate", low_open=True),
+    "router.hidden": Limit(1, 65536, "hidden width of the policy MLP"),
+    "router.tau": Limit(0, 100, "log-probability gain needed to switch actions; 0 = switch to any better action"),
+    "router.budgets": Limit(0, 1, "fraction of an expert's directions kept on", low_open=True),
+    "router.scales": Limit(0, 100, "scale of the code", low_open=True),
+    "router.switch_cost": Limit(0, 10, "λ: reward lost per switch"),
+    "router.train_mixed": Limit(0, 100_000, "train episodes of the mixed stream"),
+    "router.train_composite": Limit(0, 100_000, "train composite episodes"),
+    "router.test_mixed": Limit(0, 100_000, "test episodes of the mixed stream"),
+    "router.test_composite": Limit(0, 100_000, "test composite episodes"),
+    "router.bc_epochs": Limit(1, 1_000_000, "epochs of behaviour cloning"),
+    "router.bc_lr": Limit(0, 1, "Adam learning rate of behaviour cloning", low_open=True),
+    "router.pg_updates": Limit(0, 100_000, "trust-region updates of AR1"),
+    "router.pg_episodes": Limit(1, 100_000, "episodes rolled out per update"),
+    "router.pg_lr": Limit(0, 1, "Adam learning rate of AR1", low_open=True),
+    "router.target_kl": Limit(0, 1, "KL(π_old ‖ π_new) allowed per update", low_open=True),
+    "router.clip_coef": Limit(0, 1, "PPO's ε: ratios clipped to [1 − ε, 1 + ε]", low_open=True),
+    "router.ent_coef": Limit(0, 1, "entropy bonus β"),
+    "router.update_epochs": Limit(1, 1000, "passes over an update's decisions"),
+    "router.rollout_batch": Limit(1, 4096, "episodes per generation batch"),
     **{f"bem.{name}": limit._replace(high=f"bem.{limit.high}") if isinstance(limit.high, str) else limit
        for name, limit in BEM_LIMITS.items()},
 }
@@ -141,6 +160,52 @@ class Gates:
 
 
 @dataclass
+class RouterConfig:
+    """The agentic router (SPEC §4) over an expert bank; `bem.*` describes the routed model it runs in."""
+
+    algorithm: Literal["bc", "pg"] = "bc"
+    """bc: AR0, behaviour cloning of measured oracle traces. pg: AR1, PPO with an exact-KL trust region from AR0."""
+    bank: str = "experts_bank"
+    """The expert bank's experiment (trained in the same run folder first); its rank, alpha, sites and experts
+    must equal this file's `bem.*`."""
+    multitask: str = "router_multitask_lora"
+    """The multi-task LoRA baseline's experiment (a static LoRA of the bank's rank on the union of its tasks)."""
+    hidden: int = 64
+    """Hidden width of the policy MLP."""
+    tau: float = 0.0
+    """Hysteresis: switch only if log π(new | s) − log π(now | s) > tau."""
+    budgets: list[float] = field(default_factory=lambda: [1.0, 0.5])
+    """Rank budgets of the action set: fractions of an expert's directions kept on."""
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5])
+    """Scales of the action set."""
+    switch_cost: float = 0.02
+    """λ: the reward is the mean part score − λ · switches."""
+    train_mixed: int = 64
+    """Train episodes of the mixed stream (oracle traces, rollouts)."""
+    train_composite: int = 64
+    """Train episodes with two parts that need different experts."""
+    test_mixed: int = 100
+    """Test episodes of the mixed stream."""
+    test_composite: int = 100
+    """Test composite episodes."""
+    bc_epochs: int = 300
+    """Epochs of behaviour cloning over the oracle states."""
+    bc_lr: float = 3e-3
+    pg_updates: int = 8
+    """AR1: trust-region updates, each on fresh rollouts."""
+    pg_episodes: int = 32
+    """AR1: train episodes rolled out (sampling actions) per update."""
+    pg_lr: float = 1e-3
+    target_kl: float = 0.01
+    """Trust region: KL(π_old ‖ π_new) ≤ target_kl per update (measured; a step past it is undone)."""
+    clip_coef: float = 0.2
+    ent_coef: float = 0.01
+    update_epochs: int = 4
+    rollout_batch: int = 16
+    """Episodes per generation batch (one KV cache and routing stream each)."""
+
+
+@dataclass
 class ExperimentConfig:
     name: str
     """Unique name; the file name without .yaml."""
@@ -163,6 +228,8 @@ class ExperimentConfig:
     side_inputs: bool = True
     """Feed each task's side inputs (evidence / image features) to the controller."""
     gates: Gates = field(default_factory=Gates)
+    router: RouterConfig | None = None
+    """The agentic router over an expert bank (experiments ar0_bc, ar1_pg); null: a module variant."""
     source: str = field(default="", compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,6 +247,8 @@ class ExperimentConfig:
         d = self.to_dict()
         d.pop("description")
         d.pop("seeds")
+        if d["router"] is None:  # added after results were stored
+            d.pop("router")
         for section in ("training", "evaluation"):  # a config built in code may still say auto
             d[section]["precision"] = resolve(d[section]["precision"])
         for (section, key), stored in HASH_OPTIONAL.items():
@@ -259,6 +328,9 @@ def _convert(tp, value, where: str, source: str):
     if origin in _UNIONS:
         if value is None and type(None) in typing.get_args(tp):
             return None
+        sections = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and sections:  # an optional section: its own field errors, not "expected … or null"
+            return _convert(sections[0], value, where, source)
         for option in typing.get_args(tp):
             try:
                 return _convert(option, value, where, source)
@@ -519,18 +591,40 @@ def _check(config: ExperimentConfig, source: str) -> None:
 def _check_bank(config: ExperimentConfig, source: str) -> None:
     """An expert bank (bem.experts > 1) is static, with one trainable task per expert: expert e trains on tasks[e]."""
     experts, controller, tasks = config.bem.experts, config.bem.controller, config.tasks
+    if config.router is not None:
+        _check_router(config, source)
+        return
     if experts == 1:
         return
     if controller != "static":
         raise ConfigError(f"{source}: bem.experts = {experts} is not allowed with bem.controller = {controller!r}; "
-                          "expected 1 (a routed bank is not supported yet) or bem.controller: static (a bank of one "
-                          "expert per task)")
+                          "expected 1 or bem.controller: static (a bank of one expert per task); a routed bank needs a "
+                          "router: section")
     if experts != len(tasks):
         raise ConfigError(f"{source}: bem.experts = {experts} is not allowed with {len(tasks)} tasks {tasks}; expected "
                           f"{len(tasks)}: a static bank trains expert e on tasks[e] alone")
     if "safety" in tasks:
         raise ConfigError(f"{source}: tasks[{tasks.index('safety')}] = 'safety' is not allowed in an expert bank "
                           "(bem.experts > 1); expected tasks with training targets (safety has none)")
+
+
+def _check_router(config: ExperimentConfig, source: str) -> None:
+    """A router runs over a bank: a chunk-routed BEM of E > 1 experts with plain sites, over the router's four tasks."""
+    from bem.router.env import ROUTER_TASKS
+
+    bem, r = config.bem, config.router
+    rules = [("bem.controller", bem.controller, bem.controller == "chunk", "'chunk' (the router decides at chunk boundaries)"),
+             ("bem.experts", bem.experts, bem.experts > 1, "an integer > 1 (the bank's experts)"),
+             ("tasks", config.tasks, config.tasks == list(ROUTER_TASKS), f"{list(ROUTER_TASKS)} (the bank's experts)"),
+             ("router.budgets", r.budgets, bool(r.budgets) and len(set(r.budgets)) == len(r.budgets),
+              "a non-empty list of distinct fractions"),
+             ("router.scales", r.scales, bool(r.scales) and len(set(r.scales)) == len(r.scales),
+              "a non-empty list of distinct numbers")]
+    rules += [(f"bem.{name}", getattr(bem, name), not getattr(bem, name), "off (the router's codes are plain expert blocks)")
+              for name in ("head_groups", "dynamic_rank", "film", "kron_sites")]
+    for field_name, value, ok, allowed in rules:
+        if not ok:
+            raise ConfigError(f"{source}: {field_name} = {value!r} is not allowed with a router: section; expected {allowed}")
 
 
 def list_experiments(directory: Path = EXPERIMENTS_DIR) -> list[str]:
@@ -544,7 +638,7 @@ def list_presets(directory: Path = EXPERIMENTS_DIR) -> list[str]:
 
 # --- docs/configuration.md ------------------------------------------------------------------------
 SECTIONS = (("", ExperimentConfig), ("bem", BEMConfig), ("training", TrainingConfig), ("evaluation", EvalConfig),
-            ("gates", Gates))
+            ("gates", Gates), ("router", RouterConfig))
 """The mappings of an experiment file, in the order docs/configuration.md lists them."""
 
 _INTRO = """# Configuration reference
@@ -595,6 +689,8 @@ def _type_name(tp) -> str:
         if origin is tuple and Ellipsis not in args:
             return f"list of {len(args)} {_type_name(args[0])}s"
         return f"list of {_type_name(args[0])}s"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
     return {int: "integer", float: "number", str: "string", bool: "boolean", type(None): "null"}[tp]
 
 

@@ -49,6 +49,8 @@ CREATE INDEX IF NOT EXISTS condition_scores_by_unit ON condition_scores(unit_id,
 -- is routing alive: per routed unit and task, bem.routing_stats.measure_routing's {site: {stat: value}}
 CREATE TABLE IF NOT EXISTS routing (unit_id INTEGER REFERENCES units(id), task TEXT, site TEXT, stat TEXT, value REAL);
 -- a unit being trained: the process holding it; a second process skips the unit instead of training it twice
+-- the router's training curves (AR0's epochs, AR1's updates): one row per (step, metric)
+CREATE TABLE IF NOT EXISTS router_curves (unit_id INTEGER REFERENCES units(id), step INTEGER, metric TEXT, value REAL);
 CREATE TABLE IF NOT EXISTS leases (experiment TEXT, config_hash TEXT, data_fingerprint TEXT, seed INTEGER, pid INTEGER,
     host TEXT, started REAL, PRIMARY KEY (experiment, config_hash, data_fingerprint, seed));
 """
@@ -310,6 +312,11 @@ class ResultsDB:
             self.conn.executemany("INSERT INTO curves VALUES (?, ?, ?, ?, ?)",
                                   [(unit, c["step"], c["loss"], c["lr"], c["grad_norm"]) for c in curve])
         return unit
+
+    def write_router_curve(self, unit_id: int, rows: list[dict]) -> None:
+        with self.conn:
+            self.conn.executemany("INSERT INTO router_curves VALUES (?, ?, ?, ?)",
+                                  [(unit_id, r["step"], r["metric"], r["value"]) for r in rows])
 
     def item_scores(self, experiment: str, task: str, metric: str, config_hash: str | None = None) -> dict[int, dict[str, float]]:
         """{seed: {item_id: value}} of the finished units of an experiment (latest config unless given)."""

@@ -61,7 +61,7 @@ def swap_conditions(config: ExperimentConfig, seed: int | None = None) -> list[t
     with swapped variants (wordnet_qa), and for systems whose controller reads the evidence features also
     `features_shuffled` (clean text, another query's features). Every system reads the evidence in its prompt (and routed systems with side
     inputs read its features too), so every such unit gets them. The variants exist for the test split only."""
-    if config.evaluation.split != "test":
+    if config.evaluation.split != "test" or config.router is not None:  # a router is scored on its own episodes
         return []
     limit = config.evaluation.swap_seeds
     if seed is not None and limit is not None and seed not in config.seeds[:limit]:
@@ -96,7 +96,7 @@ ROUTING_ITEMS = 100  # items per task the routing statistics read (docs/results/
 
 def missing_routing(db: ResultsDB, unit_id: int, config: ExperimentConfig) -> list[str]:
     """Tasks of a routed unit without stored routing statistics (item 8 of issue 12: is routing alive?)."""
-    if config.bem.controller == "static":
+    if config.bem.controller == "static" or config.router is not None:
         return []
     return [task for task in config.tasks if task not in db.routing(unit_id)]
 
@@ -206,6 +206,11 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
                     backfill_unit(db, unit_id, config, seed, out, missing_conditions(db, unit_id, config, seed),
                                   missing_routing(db, unit_id, config), data_root)
                     done.append((config.name, seed, "backfilled"))
+                elif config.router is not None:  # the agentic router: bank, oracles, AR0/AR1, baselines
+                    from bem.router.experiment import run_unit as run_router_unit
+
+                    run_router_unit(db, run_id, config, seed, out, data_root, data[config.name])
+                    done.append((config.name, seed, "done"))
                 else:
                     run_unit(db, run_id, config, seed, out, data_root, data[config.name])
                     done.append((config.name, seed, "done"))

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bem.config import BEMConfig
 from bem.controller import Controller, Heads
+from bem.experts import expert_mask
 
 
 @dataclass(frozen=True)
@@ -57,13 +59,9 @@ class Actions:
         return (expert * len(self.budgets) + self.budgets.index(budget)) * len(self.scales) + self.scales.index(scale)
 
     def codes(self) -> torch.Tensor:
-        """(A, r): the code of every action."""
-        width = self.rank // self.experts
-        table = torch.zeros(len(self), self.rank)
-        for a in range(len(self)):
-            e, budget, scale = self.unpack(a)
-            table[a, e * width:e * width + max(1, round(budget * width))] = scale
-        return table
+        """(A, r): the code of every action: `expert_mask(e, budget, scale)` of the bank."""
+        bank = BEMConfig(rank=self.rank, experts=self.experts, controller="static")
+        return torch.stack([expert_mask(bank, *self.unpack(a)) for a in range(len(self))])
 
 
 @dataclass
@@ -84,8 +82,9 @@ class Decision:
 class Router(Controller):
     """π(a | s) over `actions`, serving codes to `sites` routed sites of width `actions.rank` each.
 
-    mode "greedy" takes argmax π (evaluation); "sample" draws a ~ π with `generator` (rollouts). With `trace` set to
-    a list, every decision is appended to it as a `Decision` (for behaviour cloning and policy gradients).
+    mode "greedy" takes argmax π (evaluation); "sample" draws a ~ π with `generator` (rollouts); `force` = a makes
+    every decision a (a fixed expert). With `trace` set to a list, every decision is appended to it as a `Decision`
+    (for behaviour cloning and policy gradients).
     """
 
     def __init__(self, d_model: int, side_dim: int, hidden: int, sites: int, actions: Actions, tau: float = 0.0):
@@ -97,6 +96,7 @@ class Router(Controller):
         self.out = nn.Linear(hidden, len(actions))
         self.register_buffer("table", actions.codes(), persistent=False)
         self.mode, self.generator, self.trace = "greedy", None, None
+        self.force: int | None = None  # an action every decision takes (fixed-expert rollouts, oracle traces)
 
     @property
     def state_dim(self) -> int:
@@ -112,6 +112,8 @@ class Router(Controller):
         return self.out(F.gelu(self.inp(state)))
 
     def act(self, logp: torch.Tensor) -> torch.Tensor:
+        if self.force is not None:
+            return torch.full(logp.shape[:1], self.force, dtype=torch.long, device=logp.device)
         if self.mode == "greedy":
             return logp.argmax(-1)
         if self.mode == "sample":

@@ -1,0 +1,1 @@
+"""The agentic router (SPEC §4): its environment, policy, behaviour cloning and policy gradient."""

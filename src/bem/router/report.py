@@ -1,0 +1,269 @@
+"""The router's analysis and report (issue 15, items 6–7): every system on the same test episodes, paired.
+
+For each system: mean score (mixed stream, composite episodes, all), the paired difference to the best single expert
+with its BCa 95% CI, and the share of the gap between the best single expert and the per-item oracle it recovers,
+    G = (mean s − mean best) / (mean oracle − mean best),
+with its BCa CI (the ratio recomputed on every resample of episodes). Verdicts (SPEC §7) for the routers: AR0 against
+the best single expert, AR1 against the best single expert and against AR0; promote only if the CI's lower bound is
+above 0, the Benjamini–Hochberg adjusted p (sign-flip permutation, over the family of these comparisons) is below
+0.05, the added parameters are within the parity tolerance of the bank's and the router's decode step is within the
+latency gate of a fixed expert's; otherwise reject, with the reasons.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bem.experiments.results import open_for_analysis  # noqa: E402
+from bem.stats import benjamini_hochberg, paired_bca, permutation_pvalue  # noqa: E402
+
+PNG_META = {"Software": None}
+ORDER = ["router/item_oracle", "router/task_oracle", "ar1_pg", "ar0_bc", "router/arrow", "router/multitask_lora",
+         "router/all_on", "router/random", "router/best_single"]
+
+
+def router_units(conn) -> dict[str, dict]:
+    """{system: {id, config, seed, train_seconds, eval_seconds}} of the router folder's units (latest of each)."""
+    units = {}
+    for unit, name, config, seed, train, evaluation in conn.execute(
+            "SELECT u.id, u.experiment, c.json, u.seed, u.train_seconds, u.eval_seconds FROM units u "
+            "JOIN configs c ON c.hash = u.config_hash ORDER BY u.finished"):
+        config = json.loads(config)
+        if config.get("router") is not None:
+            units[name] = {"id": unit, "config": config, "seed": seed, "train_seconds": train,
+                           "eval_seconds": evaluation}
+    return units
+
+
+def is_router_folder(run_dir: Path) -> bool:
+    path = Path(run_dir) / "results.sqlite"
+    if not path.is_file():
+        return False
+    conn = open_for_analysis(path)
+    try:
+        return bool(router_units(conn))
+    finally:
+        conn.close()
+
+
+def _scores(conn, unit: int, metric: str = "score") -> dict[str, tuple[str, float]]:
+    return {item: (task, value) for task, item, value in conn.execute(
+        "SELECT task, item_id, value FROM item_scores WHERE unit_id = ? AND metric = ?", (unit, metric))}
+
+
+def analyze(run_dir: Path, n_resamples: int = 10_000) -> dict:
+    """Every system's scores and comparisons, and the routers' verdicts (stored in the database when writable)."""
+    conn = open_for_analysis(Path(run_dir) / "results.sqlite")
+    try:
+        units = router_units(conn)
+        scores = {name: _scores(conn, u["id"]) for name, u in units.items()}
+        switches = {name: _scores(conn, u["id"], "switches") for name, u in units.items()}
+        curves = {name: conn.execute("SELECT step, metric, value FROM router_curves WHERE unit_id = ? ORDER BY step",
+                                     (u["id"],)).fetchall() for name, u in units.items()}
+        profiles = dict(conn.execute("SELECT metric, value FROM profiles WHERE experiment = 'router'").fetchall())
+    finally:
+        conn.close()
+    if "router/best_single" not in scores:
+        raise ValueError(f"{run_dir}: no router/best_single unit yet; run `bem run --experiments ar0_bc` to the end")
+    ids = sorted(scores["router/best_single"])
+    best = np.array([scores["router/best_single"][i][1] for i in ids])
+    oracle = np.array([scores["router/item_oracle"][i][1] for i in ids]) if "router/item_oracle" in scores else None
+    rows = []
+    for name in [n for n in ORDER if n in scores] + sorted(set(scores) - set(ORDER)):
+        if set(scores[name]) != set(ids):
+            continue  # scored on other episodes: never paired
+        s = np.array([scores[name][i][1] for i in ids])
+        kinds = {k: [scores[name][i][1] for i in ids if scores[name][i][0] == k] for k in ("router_mixed", "router_composite")}
+        row = {"system": name, "n": len(ids), "score": s.mean(),
+               **{k: (sum(v) / len(v) if v else float("nan")) for k, v in kinds.items()},
+               "switches": float(np.mean([switches[name][i][1] for i in ids])),
+               "delta": paired_bca(best, s, n_resamples=n_resamples)}
+        if oracle is not None and oracle.mean() > best.mean():
+            row["gap"] = paired_bca(best, s, n_resamples=n_resamples, statistic=_gap(best, s, oracle))
+        rows.append(row)
+    verdicts = _verdicts(scores, ids, units, profiles, n_resamples)
+    return {"rows": rows, "verdicts": verdicts, "units": units, "curves": curves, "profiles": profiles}
+
+
+def _gap(best: np.ndarray, s: np.ndarray, oracle: np.ndarray):
+    def statistic(idx: np.ndarray) -> float:
+        span = oracle[idx].mean() - best[idx].mean()
+        return (s[idx].mean() - best[idx].mean()) / span if span > 0 else 0.0
+    return statistic
+
+
+def _routers(units: dict) -> dict[str, list[str]]:
+    """The verdicts to compute: an AR0 (router.algorithm bc) against the best single expert; an AR1 (pg) against the
+    best single expert and against the folder's AR0."""
+    mine = {name: u["config"]["router"]["algorithm"] for name, u in units.items() if "system" not in u["config"]}
+    bc_units = [name for name, algorithm in mine.items() if algorithm == "bc"]
+    return {name: ["router/best_single"] + (bc_units[:1] if algorithm == "pg" else []) for name, algorithm in mine.items()}
+
+
+def _verdicts(scores, ids, units, profiles, n_resamples) -> list[dict]:
+    family = [(name, versus) for name, against in _routers(units).items() if name in scores
+              for versus in against if versus in scores]
+    tests = []
+    for name, versus in family:
+        a = np.array([scores[versus][i][1] for i in ids])
+        b = np.array([scores[name][i][1] for i in ids])
+        tests.append((name, versus, paired_bca(a, b, n_resamples=n_resamples), permutation_pvalue(a, b, n_resamples)))
+    adjusted, _ = benjamini_hochberg([p for *_, p in tests])
+    out = []
+    for (name, versus, ci, p), q in zip(tests, adjusted):
+        gates = units[name]["config"]["gates"]
+        reasons = []
+        if not ci.low > 0:
+            reasons.append(f"score CI [{ci.low:+.4f}, {ci.high:+.4f}] does not lie above 0")
+        if not q < gates["alpha"]:
+            reasons.append(f"BH-adjusted p = {q:.3g} is not below {gates['alpha']}")
+        params = profiles.get("router_params"), profiles.get("bank_params")
+        if None in params:
+            reasons.append("parity not measured")
+        elif params[0] / params[1] > gates["parity_tolerance"]:
+            reasons.append(f"the router adds {params[0]:,.0f} parameters, {params[0] / params[1]:.1%} of the bank's "
+                           f"(tolerance {gates['parity_tolerance']:.0%})")
+        latency = profiles.get("decode_ratio")
+        if latency is None:
+            reasons.append("latency gate not measured")
+        elif latency > gates["latency_ratio"]:
+            reasons.append(f"decode step {latency:.3f}× a fixed expert's (gate ≤ {gates['latency_ratio']}×)")
+        out.append({"experiment": name, "versus": versus, "estimate": ci.estimate, "low": ci.low, "high": ci.high,
+                    "p": p, "p_adjusted": float(q), "verdict": "promote" if not reasons else "reject",
+                    "reasons": reasons})
+    return out
+
+
+def bank_table(run_dir: Path, n_resamples: int = 10_000) -> list[dict]:
+    """Each expert of the folder's bank alone on its own task vs the zero-shot base model (unit router/zero_shot), on
+    the task's primary metric, paired by item (SPEC §4: each expert alone must beat zero-shot)."""
+    from bem.tasks import SPECS
+
+    conn = open_for_analysis(Path(run_dir) / "results.sqlite")
+    try:
+        zero = conn.execute("SELECT id FROM units WHERE experiment = 'router/zero_shot' ORDER BY finished DESC").fetchone()
+        banks = [(unit, json.loads(config)) for unit, config in conn.execute(
+            "SELECT u.id, c.json FROM units u JOIN configs c ON c.hash = u.config_hash ORDER BY u.finished DESC")]
+        banks = [(u, c) for u, c in banks if c.get("router") is None and c["bem"].get("experts", 1) > 1]
+        if zero is None or not banks:
+            return []
+        (bank, config), rows = banks[0], []
+        for e, task in enumerate(config["tasks"]):
+            metric = SPECS[task].primary
+            ours, base = ({i: v for i, v in conn.execute("SELECT item_id, value FROM item_scores WHERE unit_id = ? AND "
+                                                           "task = ? AND metric = ?", (u, task, metric))}
+                          for u in (bank, zero[0]))
+            ids = sorted(set(ours) & set(base))
+            r = paired_bca([base[i] for i in ids], [ours[i] for i in ids], n_resamples=n_resamples)
+            rows.append({"expert": e, "task": task, "metric": metric, "n": len(ids), "ci": r,
+                         "alone": float(np.mean([ours[i] for i in ids])), "zero_shot": float(np.mean([base[i] for i in ids]))})
+        return rows
+    finally:
+        conn.close()
+
+
+def _fmt_ci(r) -> str:
+    return f"{r.estimate:+.4f} [{r.low:+.4f}, {r.high:+.4f}]"
+
+
+def write_report(run_dir: Path, n_resamples: int = 10_000, to: Path | None = None) -> Path:
+    """report.md and plots of a router run folder, from its database alone."""
+    run_dir = Path(run_dir)
+    out = Path(to) if to is not None else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    result = analyze(run_dir, n_resamples)
+    _bars(result["rows"], out / "systems.png")
+    has_curves = _curves(result["curves"], out / "router_curves.png")
+    config = next(iter(u["config"] for u in result["units"].values()))
+    r = config["router"]
+    lines = ["# Router results (AR0, AR1 and the routers people use)", "",
+             "Generated by `bem report` from `results.sqlite` alone. Every system is scored on the same test episodes "
+             f"({r['test_mixed']} of the mixed stream of the four tasks with the task hidden, {r['test_composite']} "
+             "composite episodes whose two parts need different experts); score = mean over parts of the task metric on "
+             "the generated text (wordnet_qa F1, chrF/100, JSON (validity + field EM)/2). Differences are paired by "
+             f"episode, BCa 95% CIs over {n_resamples:,} resamples.", ""]
+    bank = bank_table(run_dir, n_resamples)
+    if bank:
+        lines += ["## The expert bank", "", "Each expert alone (its block of the basis) on its own task's test items vs the "
+                  "frozen base model (zero-shot), primary metric, paired by item:", "",
+                  "| expert | task | metric | items | alone | zero-shot | difference [95% CI] | beats zero-shot |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {b['expert']} | `{b['task']}` | {b['metric']} | {b['n']} | {b['alone']:.4f} | {b['zero_shot']:.4f} | "
+                  f"{_fmt_ci(b['ci'])} | {'yes' if b['ci'].low > 0 else 'no'} |" for b in bank]
+        lines.append("")
+    lines += ["## Verdicts (SPEC §7)", "", "| router | versus | Δ score | 95% CI | p | BH p | verdict | reasons |",
+              "|---|---|---|---|---|---|---|---|"]
+    for v in result["verdicts"]:
+        lines.append(f"| `{v['experiment']}` | `{v['versus']}` | {v['estimate']:+.4f} | [{v['low']:+.4f}, {v['high']:+.4f}] "
+                     f"| {v['p']:.3g} | {v['p_adjusted']:.3g} | **{v['verdict']}** | {'; '.join(v['reasons']) or '—'} |")
+    lines += ["", "## Every system", "",
+              "Δ = system − best single expert (chosen on the train episodes); gap recovered = (system − best single) / "
+              "(per-item oracle − best single). The oracles are upper bounds put together per part from the "
+              "fixed-expert rollouts (the task-label oracle takes the expert of each part's task, the per-item oracle "
+              "the best expert per part); they switch for free at the part boundary.", "",
+              "| system | all | mixed | composite | switches / episode | Δ vs best single [95% CI] | gap recovered [95% CI] |",
+              "|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        gap = _fmt_ci(row["gap"]) if "gap" in row else "—"
+        lines.append(f"| `{row['system']}` | {row['score']:.4f} | {row['router_mixed']:.4f} | "
+                     f"{row['router_composite']:.4f} | {row['switches']:.2f} | {_fmt_ci(row['delta'])} | {gap} |")
+    lines += ["", "![systems](systems.png)", ""]
+    profiles = result["profiles"]
+    if profiles:
+        lines += ["## Cost", "", f"- router parameters: {profiles.get('router_params', float('nan')):,.0f}; bank "
+                  f"parameters: {profiles.get('bank_params', float('nan')):,.0f}",
+                  f"- decode step with the router: {profiles.get('decode_ratio', float('nan')):.3f}× the same model "
+                  "with a fixed expert (median of interleaved rounds, measured by the run on its machine)", ""]
+    if has_curves:
+        lines += ["## Training curves", "", "AR0's behaviour-cloning loss and accuracy per epoch; AR1's mean reward, "
+                  "KL(old ‖ new) per update (trust region 0.01), policy entropy and switches per episode.", "",
+                  "![curves](router_curves.png)", ""]
+    lines += ["## Budget", "", f"Bank `{r['bank']}`; train episodes: {r['train_mixed']} mixed + {r['train_composite']} "
+              f"composite; AR0: {r['bc_epochs']} epochs; AR1: {r['pg_updates']} updates × {r['pg_episodes']} episodes; "
+              f"λ = {r['switch_cost']} per switch, plan limit {config['bem']['max_switches']}, chunks of "
+              f"{config['bem']['chunk_size']} tokens.", ""]
+    lines += ["Seconds per system (training, evaluation) as stored by the run:", ""]
+    lines += [f"- `{name}`: {u['train_seconds']:.0f} s, {u['eval_seconds']:.0f} s" for name, u in result["units"].items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
+
+
+def _bars(rows: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+    for y, row in enumerate(reversed(rows)):
+        d = row["delta"]
+        ax.errorbar(d.estimate, y, xerr=[[d.estimate - d.low], [d.high - d.estimate]], fmt="o", color="C0", capsize=3)
+    ax.axvline(0, color="grey", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), [row["system"] for row in reversed(rows)], fontsize=8)
+    ax.set(xlabel="score − best single expert (paired, 95% BCa CI)", title="Routers on the same test episodes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata=PNG_META)
+    plt.close(fig)
+
+
+def _curves(curves: dict[str, list], path: Path) -> bool:
+    panels = [("bc/loss", "AR0 loss"), ("charts/reward", "AR1 reward"), ("losses/approx_kl", "AR1 KL(old‖new)"),
+              ("losses/entropy", "AR1 entropy"), ("charts/switch_rate", "AR1 switches / episode")]
+    present = [(m, t) for m, t in panels if any(metric == m for rows in curves.values() for _, metric, _ in rows)]
+    if not present:
+        return False
+    fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 2.8), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], present):
+        for i, (name, rows) in enumerate(curves.items()):
+            points = [(step, value) for step, m, value in rows if m == metric]
+            if points:
+                ax.plot(*zip(*points), marker="." if metric != "bc/loss" else None, color=f"C{i}", label=name)
+        if metric == "losses/approx_kl":
+            ax.axhline(0.01, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata=PNG_META)
+    plt.close(fig)
+    return True
