@@ -233,9 +233,9 @@ def test_error_classes_are_bem_errors_and_value_errors():
 
 
 def test_shipped_experiments_load_with_every_preset():
-    assert list_presets() == ["cpu", "quick"]
+    assert list_presets() == ["cpu", "quick", "router_cpu"]
     for name in list_experiments():
-        for overlay in (None, "_cpu", "_quick"):
+        for overlay in (None, "_cpu", "_quick", "_router_cpu"):  # router_cpu's router: sizes router experiments only
             assert load_experiment(name, overlay=overlay).name == name
 
 

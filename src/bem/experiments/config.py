@@ -231,10 +231,13 @@ class ExperimentConfig:
     router: RouterConfig | None = None
     """The agentic router over an expert bank (experiments ar0_bc, ar1_pg); null: a module variant."""
     source: str = field(default="", compare=False, repr=False)
+    preset: str | None = field(default=None, compare=False, repr=False)
+    """The preset overlay the config was loaded with (`_quick`, `_cpu`, ...), for experiments that load others."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source")
+        d.pop("preset")
         d["bem"] = self.bem.to_dict()
         return d
 
@@ -379,7 +382,7 @@ def _build(cls, data, where: str, source: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {where or 'the file'} must be {_describe(cls)}, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in ("source", "preset")]
     unknown = sorted(set(data) - set(names), key=str)
     if unknown:
         prefix = f"{where}." if where else ""
@@ -488,14 +491,17 @@ def _load(name_or_path: str | Path, directory: Path, overlay: str | None, parity
         if not (isinstance(overlay, str) and overlay.startswith("_") and overlay[1:] in presets):
             raise ConfigError(f"{path}: unknown preset {overlay!r}; expected one of {['_' + p for p in presets]} "
                               f"(the files _NAME.yaml of {path.parent} except _defaults.yaml)")
-        data = _merge(data, _raw(path.parent / f"{overlay}.yaml"))
+        preset = _raw(path.parent / f"{overlay}.yaml")
+        if "router" not in data:  # a preset's router: sizes the router experiments only
+            preset.pop("router", None)
+        data = _merge(data, preset)
         source = f"{path} (preset {overlay[1:]})"
     data.setdefault("name", path.stem)
     if data["name"] != path.stem:
         raise ConfigError(f"{source}: name = {data['name']!r} is not allowed; expected the file name {path.stem!r} "
                           "(or leave it out)")
     config = _build(ExperimentConfig, data, "", source)
-    config.source = str(path)
+    config.source, config.preset = str(path), overlay
     _check(config, source)
     from bem.precision import resolve
 
@@ -750,7 +756,7 @@ def schema_markdown() -> str:
         lines += ["| Field | Type | Allowed | Unit / meaning | Default |", "|---|---|---|---|---|"]
         docs = _field_docs(cls)
         for f in dataclasses.fields(cls):
-            if f.name == "source" or (not section and dataclasses.is_dataclass(hints[f.name])):
+            if f.name in ("source", "preset") or (not section and dataclasses.is_dataclass(hints[f.name])):
                 continue
             key = f"{section}.{f.name}" if section else f.name
             allowed, meaning = _field_allowed(hints[f.name], key), _field_meaning(key, docs.get(f.name, ""))

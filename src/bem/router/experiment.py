@@ -105,7 +105,7 @@ def summaries(rows: list[dict], seconds: float) -> list[dict]:
 
 # --- the routed bank --------------------------------------------------------------------------------------
 def bank_config(config: ExperimentConfig) -> ExperimentConfig:
-    bank = load_experiment(config.router.bank, overlay=_overlay(config))
+    bank = load_experiment(config.router.bank, overlay=config.preset)
     a, b = bank.bem, config.bem
     for name in ("rank", "alpha", "sites", "experts", "layers", "tau_sigma", "tau_fro"):
         if getattr(a, name) != getattr(b, name):
@@ -115,11 +115,6 @@ def bank_config(config: ExperimentConfig) -> ExperimentConfig:
         raise ValueError(f"{config.router.bank}: tasks = {bank.tasks} is not allowed for the router's bank; expected "
                          f"{list(ROUTER_TASKS)} (expert e = tasks[e])")
     return bank
-
-
-def _overlay(config: ExperimentConfig) -> str | None:
-    source = config.source or ""
-    return "_" + source.split("(preset ")[1].rstrip(")") if "(preset " in source else None
 
 
 def bank_weights(out: Path, bank: ExperimentConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -407,7 +402,7 @@ def _multitask(config, seed, out, db, run_id, data_root):
     from bem.experiments import runner
     from bem.experiments.adapters import load_trained, unit_data
 
-    mt = load_experiment(config.router.multitask, overlay=_overlay(config))
+    mt = load_experiment(config.router.multitask, overlay=config.preset)
     mt_data = unit_data(mt, data_root)
     unit = db.unit_id(mt.name, mt.config_hash(), seed, mt_data)
     if unit is None:
