@@ -37,11 +37,14 @@ def setup(tmp_path_factory, root):  # noqa: F811
         "training: {steps: 3, batch_size: 4, lr: 0.01, warmup_steps: 1, checkpoint_every: 3, max_length: 96, "
         "train_items: 1}\nevaluation: {items: 1, batch_size: 2}\n")
     (exp / "tmt.yaml").write_text("base: tbank\nbem: {experts: 1}\n")
+    (exp / "tctl.yaml").write_text("base: tbank\nside_inputs: true\nbem: {controller: chunk, chunk_size: 8, side_dim: 5}\n"
+                                   f"training: {{init_bank: {exp / 'tbank.yaml'}}}\n")
     (exp / "trouter.yaml").write_text(
         f"model: {folder / 'model'}\ntasks: {json.dumps(TASKS)}\nseeds: [0]\nanchor: null\n"
         "bem: {rank: 8, alpha: 16, sites: [o_proj, down_proj], controller: chunk, chunk_size: 8, experts: 4, "
         "max_switches: 3, side_dim: 5}\nevaluation: {items: 1}\n"
-        f"router: {{algorithm: pg, bank: {exp / 'tbank.yaml'}, multitask: {exp / 'tmt.yaml'}, train_mixed: 4, "
+        f"router: {{algorithm: pg, bank: {exp / 'tbank.yaml'}, multitask: {exp / 'tmt.yaml'}, controller: {exp / 'tctl.yaml'}, "
+        "train_mixed: 4, "
         "train_composite: 1, test_mixed: 4, test_composite: 2, bc_epochs: 5, pg_updates: 2, pg_episodes: 4, "
         "rollout_batch: 4, hidden: 16, pg_lr: 0.05}\n")
     return folder
@@ -61,10 +64,15 @@ def test_router_experiment_end_to_end(setup, root, monkeypatch, tmp_path, capsys
     assert _run(setup, root, monkeypatch, out) == 0
     conn = sqlite3.connect(out / "results.sqlite")
     names = {n for (n,) in conn.execute("SELECT experiment FROM units")}
-    expected = {"tbank", "tmt", "trouter", "router/zero_shot"} | {f"router/expert:{t}" for t in TASKS} | {
-        f"router/{b}" for b in ("best_single", "all_on", "random", "arrow", "multitask_lora", "task_oracle",
-                                "item_oracle")}
+    expected = {"tbank", "tmt", "tctl", "trouter", "router/zero_shot"} | {f"router/expert:{t}" for t in TASKS} | {
+        f"router/{b}" for b in ("best_single", "all_on", "random", "arrow", "multitask_lora", "controller",
+                                "task_oracle", "item_oracle")}
     assert names == expected
+    from safetensors.torch import load_file  # the controller trained over the bank left the bank's U, V untouched
+    bank, ctl = (load_file(next((out / "adapters").glob(f"{n}-*")) / "bem_weights.safetensors") for n in ("tbank", "tctl"))
+    sites = [k for k in bank if k.endswith((".U", ".V"))]
+    assert sites and all(torch.equal(bank[k], ctl[k]) for k in sites)
+    assert ctl["bem_controller.out.weight"].abs().sum() > 0  # starts at zero: the controller did train
 
     def scores(name, metric="score"):
         return dict(conn.execute("SELECT s.item_id, s.value FROM item_scores s JOIN units u ON u.id = s.unit_id "
@@ -72,7 +80,7 @@ def test_router_experiment_end_to_end(setup, root, monkeypatch, tmp_path, capsys
     experts = [scores(f"router/expert:{t}") for t in TASKS]
     oracle, task_oracle = scores("router/item_oracle"), scores("router/task_oracle")
     assert len(oracle) == 6  # 4 mixed + 2 composite test episodes, every system on the same ones
-    for name in names - {"tbank", "tmt", "router/zero_shot"}:
+    for name in names - {"tbank", "tmt", "tctl", "router/zero_shot"}:
         assert set(scores(name)) == set(oracle), name
     for episode, value in oracle.items():  # the per-item oracle is an upper bound of every fixed expert
         assert all(value >= e[episode] - 1e-12 for e in experts)

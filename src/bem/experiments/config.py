@@ -126,6 +126,9 @@ class TrainingConfig:
     """Tokens per training example (prompt + target)."""
     train_items: int = 2000
     """Training items per task (evenly spread through the train split)."""
+    init_bank: str | None = None
+    """An expert bank's experiment (trained first in the same run folder) whose trained U, V this unit starts from and
+    keeps frozen: only the controller trains (the router's end-to-end soft-routing baseline). null: fresh modules."""
     batching: Literal["length", "random"] = "length"
     """How examples are grouped into micro-batches. length: each seeded window of 32 batches' worth of examples is
     sorted by length and cut into batches (shuffled within the window), so little of a batch is padding; every
@@ -168,6 +171,8 @@ class RouterConfig:
     bank: str = "experts_bank"
     """The expert bank's experiment (trained in the same run folder first); its rank, alpha, sites and experts
     must equal this file's `bem.*`."""
+    controller: str = "router_controller"
+    """The end-to-end baseline's experiment: BEM's chunk controller trained over the frozen bank (soft routing)."""
     multitask: str = "router_multitask_lora"
     """The multi-task LoRA baseline's experiment (a static LoRA of the bank's rank on the union of its tasks)."""
     hidden: int = 64
@@ -258,16 +263,19 @@ class ExperimentConfig:
             if d[section].get(key) == stored:
                 d[section].pop(key, None)
         for section, key in HASH_EXCLUDED:
-            d[section].pop(key, None)
+            if section in d:
+                d[section].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # (section, field): the value of a field added after results were stored that those results were trained with;
 # the field is hashed only when it differs from it
 HASH_OPTIONAL = {("training", "controller_lr"): None, ("training", "batching"): "random",
-                 ("evaluation", "precision"): "fp32", ("bem", "experts"): 1, ("bem", "max_switches"): None}
-# (section, field) of config fields that change no stored result (how much extra is evaluated), never hashed
-HASH_EXCLUDED = (("evaluation", "swap_seeds"),)
+                 ("evaluation", "precision"): "fp32", ("bem", "experts"): 1, ("bem", "max_switches"): None,
+                 ("training", "init_bank"): None}
+# (section, field) of config fields that change no stored result (how much extra is evaluated; which experiment the
+# controller baseline is, added after router results were stored), never hashed
+HASH_EXCLUDED = (("evaluation", "swap_seeds"), ("router", "controller"))
 
 
 # --- loading ----------------------------------------------------------------------------------------
@@ -602,10 +610,12 @@ def _check_bank(config: ExperimentConfig, source: str) -> None:
         return
     if experts == 1:
         return
-    if controller != "static":
+    if controller != "static" and config.training.init_bank is None:
         raise ConfigError(f"{source}: bem.experts = {experts} is not allowed with bem.controller = {controller!r}; "
                           "expected 1 or bem.controller: static (a bank of one expert per task); a routed bank needs a "
-                          "router: section")
+                          "router: section or training.init_bank (a controller over a trained bank)")
+    if controller != "static":
+        return  # a controller over a trained bank: trained on the union of the tasks, no per-task masks
     if experts != len(tasks):
         raise ConfigError(f"{source}: bem.experts = {experts} is not allowed with {len(tasks)} tasks {tasks}; expected "
                           f"{len(tasks)}: a static bank trains expert e on tasks[e] alone")

@@ -131,6 +131,21 @@ def backfill_unit(db: ResultsDB, unit_id: int, config: ExperimentConfig, seed: i
     evaluate_conditions(db, unit_id, model, tokenizer, config, todo, data_root)
 
 
+def _bank_init(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, out: Path,
+               data_root: Path | None) -> dict | None:
+    """`training.init_bank`: the bank's trained site tensors, the bank trained first in `out` if it is not there yet."""
+    if config.training.init_bank is None:
+        return None
+    from bem.router.experiment import bank_weights
+
+    bank = load_experiment(config.training.init_bank, overlay=config.preset)
+    bank_data = unit_data(bank, data_root)
+    if db.unit_id(bank.name, bank.config_hash(), seed, bank_data) is None:
+        log.info("%s: training its bank %s seed %d first", config.name, bank.name, seed)
+        run_unit(db, run_id, bank, seed, out, data_root, bank_data)
+    return bank_weights(out, bank, seed)
+
+
 def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, out: Path,
              data_root: Path | None = None, data: str | None = None) -> int:
     """Train (resuming if a checkpoint exists), evaluate, and commit one unit; then its index-swap conditions,
@@ -139,7 +154,8 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
     name = unit_name(config, seed, data_root)
     checkpoint = out / "checkpoints" / name
     start = time.perf_counter()
-    unit = train_unit(config, seed, checkpoint, data_root, identity={"config_hash": config.config_hash(), "data": data})
+    unit = train_unit(config, seed, checkpoint, data_root, identity={"config_hash": config.config_hash(), "data": data},
+                      init=_bank_init(db, run_id, config, seed, out, data_root))
     train_seconds = time.perf_counter() - start
     if not unit.is_main:  # under DDP only the main process evaluates and writes
         return -1

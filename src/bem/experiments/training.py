@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from bem import attach_bem, bem_state_dict
+from bem import attach_bem, bem_layers, bem_state_dict
 from bem.attach import _check_tensors, _crash_point, _fsync, _sha256
 from bem.errors import CheckpointError
 from bem.data.batches import BatchSchedule, Example, encode_cached, pad_batch
@@ -386,13 +386,15 @@ def build_optimizer(model: torch.nn.Module, tc: TrainingConfig) -> torch.optim.A
 
 
 def train_unit(config: ExperimentConfig, seed: int, checkpoint_dir: Path, data_root: Path | None = None,
-               stop_after: int | None = None, identity: dict | None = None) -> TrainedUnit:
+               stop_after: int | None = None, identity: dict | None = None,
+               init: dict[str, torch.Tensor] | None = None) -> TrainedUnit:
     """Train the experiment's modules for one seed; resume from the newest complete checkpoint in `checkpoint_dir`.
 
     `identity` (JSON-able, e.g. the config hash and data build) is stored in every checkpoint's manifest; resuming
     from a checkpoint of another identity is a CheckpointError. A damaged newest checkpoint is a CheckpointError
     too (never a silent fallback). `stop_after` ends the loop early (after saving a checkpoint) — used to test
-    resumption.
+    resumption. `init` (site tensors by `bem_state_dict` name, `training.init_bank`): the sites start from them and
+    stay frozen, so only the controller trains.
     """
     from accelerate import Accelerator
 
@@ -400,6 +402,15 @@ def train_unit(config: ExperimentConfig, seed: int, checkpoint_dir: Path, data_r
     seed_everything(seed)
     model, tokenizer = load_base(config.model)
     attach_bem(model, config.bem)
+    if init is not None:
+        from bem.router.experiment import load_sites
+
+        load_sites(model, init)
+        for layer in bem_layers(model).values():
+            layer.requires_grad_(False)
+    elif config.training.init_bank is not None:
+        raise ValueError(f"{config.source}: training.init_bank = {config.training.init_bank!r} needs the bank's weights "
+                         "(train_unit(init=...)); the runner passes them")
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()  # each unit sets its own precision; the process group (PartialState) stays

@@ -9,8 +9,9 @@ One run folder holds everything, each step stored as soon as it is done so that 
 4. the router evaluated greedily on the test episodes (unit `ar0_bc` / `ar1_pg`);
 5. the baselines on the same bank and episodes, each a unit: best single expert (chosen on train), all experts on,
    a random router, PEFT's Arrow over the experts exported as LoRA adapters, a multi-task LoRA of the bank's rank
-   trained on the union (experiment `router.multitask`), and the task-label and per-item oracles (upper bounds
-   put together per part from the fixed-expert rollouts).
+   trained on the union (experiment `router.multitask`), BEM's chunk controller trained end to end over the frozen
+   bank (`router.controller`), and the task-label and per-item oracles (upper bounds put together per part from the
+   fixed-expert rollouts).
 
 Per-item rows: task `router_mixed` or `router_composite`, id = episode id, scores `score` (mean part score, the
 primary metric), `reward` (score − λ · switches), `switches`, `part1`, `part2`.
@@ -38,7 +39,7 @@ from bem.router.policy import Actions, Router, attach_router
 log = logging.getLogger(__name__)
 
 MIXED, COMPOSITE = "router_mixed", "router_composite"
-BASELINES = ("best_single", "all_on", "random", "arrow", "multitask_lora", "task_oracle", "item_oracle")
+BASELINES = ("best_single", "all_on", "random", "arrow", "multitask_lora", "controller", "task_oracle", "item_oracle")
 
 
 # --- episodes and rollouts -------------------------------------------------------------------------------
@@ -388,27 +389,28 @@ def _baseline_runs(system, config, weights, model, tokenizer, router, test, seed
         other, _ = baselines.static_bank(config, weights)
     elif system == "arrow":
         other, _ = baselines.arrow_model(config, weights, out / "router" / "arrow", seed)
-    elif system == "multitask_lora":
-        other, train_seconds = _multitask(config, seed, out, db, run_id, data_root)
+    elif system in ("multitask_lora", "controller"):
+        name = config.router.multitask if system == "multitask_lora" else config.router.controller
+        other, train_seconds = _trained(name, config, seed, out, db, run_id, data_root)
     else:
         raise ValueError(f"unknown baseline {system!r}; expected one of {BASELINES}")
     runs, switches, _ = run_episodes(other, tokenizer, test, r.rollout_batch)
     return runs, switches, train_seconds
 
 
-def _multitask(config, seed, out, db, run_id, data_root):
-    """The multi-task LoRA: a static rank-r LoRA on the union of the bank's tasks (experiment `router.multitask`,
-    trained by the ordinary runner in the same folder)."""
+def _trained(name: str, config: ExperimentConfig, seed: int, out: Path, db, run_id: int, data_root: Path | None):
+    """A baseline that is an ordinary experiment (the multi-task LoRA, the controller over the bank), trained by the
+    runner in the same folder under the same preset: (its model, its training seconds)."""
     from bem.experiments import runner
     from bem.experiments.adapters import load_trained, unit_data
 
-    mt = load_experiment(config.router.multitask, overlay=config.preset)
-    mt_data = unit_data(mt, data_root)
-    unit = db.unit_id(mt.name, mt.config_hash(), seed, mt_data)
+    other = load_experiment(name, overlay=config.preset)
+    other_data = unit_data(other, data_root)
+    unit = db.unit_id(other.name, other.config_hash(), seed, other_data)
     if unit is None:
-        unit = runner.run_unit(db, run_id, mt, seed, out, data_root, mt_data)
+        unit = runner.run_unit(db, run_id, other, seed, out, data_root, other_data)
     seconds = db.conn.execute("SELECT train_seconds FROM units WHERE id = ?", (unit,)).fetchone()[0]
-    model, _ = load_trained(mt, seed, out, data_root)
+    model, _ = load_trained(other, seed, out, data_root)
     return model, seconds
 
 
