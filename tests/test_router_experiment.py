@@ -95,8 +95,13 @@ def test_router_experiment_end_to_end(setup, root, monkeypatch, tmp_path, capsys
     assert conn.execute("SELECT COUNT(*) FROM router_curves WHERE metric = 'bc/loss'").fetchone()[0] == 5
     assert {m for (m,) in conn.execute("SELECT metric FROM profiles WHERE experiment = 'router'")} == {
         "decode_ratio", "router_params", "bank_params"}
+    costs = dict(conn.execute("SELECT experiment, value FROM profiles WHERE metric = 'decode_ratio' AND "
+                              "experiment LIKE 'router_cost:%'"))
+    assert set(costs) == {f"router_cost:{s}" for s in ("router", "all_on", "arrow", "multitask_lora", "controller")}
+    assert all(v > 0 for v in costs.values())
     report = (out / "report.md").read_text()
     assert "| `trouter` | `router/best_single` |" in report and "## The expert bank" in report
+    assert "decode × base" in report
     units = conn.execute("SELECT COUNT(*) FROM units").fetchone()[0]
     conn.close()
     assert _run(setup, root, monkeypatch, out) == 0  # a rerun finds everything done

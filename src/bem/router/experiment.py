@@ -362,6 +362,7 @@ def run_unit(db, run_id: int, config: ExperimentConfig, seed: int, out: Path, da
         rows = rows_of(test, scores, switches, lam, texts)
         extra = {"system": system, "best_expert": bank.tasks[best]} if system == "best_single" else {"system": system}
         _store(db, run_id, name, h, {**base_json, **extra}, seed, rows, train_seconds, time.perf_counter() - start, data)
+    _costs(db, config, model, tokenizer, router, weights, test, seed, out, run_id, data_root)
     return db.unit_id(config.name, unit_hash, seed, data)
 
 
@@ -469,38 +470,15 @@ def dataclasses_dict(obj) -> dict:
 
 def _profile(db, config: ExperimentConfig, model, tokenizer, router: Router, weights, test: list[Episode],
              unit_hash: str, steps: int = 24, rounds: int = 5) -> None:
-    """The router's cost, stored as profiles of experiment 'router': its parameters against the bank's, and its decode
-    step against the same bank with c ≡ 1 and no controller (interleaved rounds, median of per-step times)."""
-    from transformers import DynamicCache
-
+    """The router's cost for its gates, stored as profiles of experiment 'router': its parameters against the bank's,
+    and its decode step against the same bank with c ≡ 1 and no controller (interleaved rounds, median step)."""
     from bem.router.baselines import static_bank
 
     if db.conn.execute("SELECT 1 FROM profiles WHERE experiment = 'router' AND config_hash = ?",
                        (unit_hash,)).fetchone():
         return
-    fixed, _ = static_bank(config, weights)
-    prompts = [_prompt(tokenizer, ep.parts[0].prompt)[-64:] for ep in test[:8]]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
-    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
-    side = torch.tensor([ep.side for ep in test[:8]])
-
-    def step_time(m, routed: bool) -> float:
-        extra = {"bem_prompt_len": mask.sum(1), "bem_side": side} if routed else {}
-        cache, times, am = DynamicCache(), [], mask
-        name = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
-        with torch.no_grad():
-            out = m(input_ids=ids, attention_mask=am, **{name: cache}, use_cache=True, **extra)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            for _ in range(steps):
-                am = torch.cat([am, torch.ones_like(token)], 1)
-                start = time.perf_counter()
-                out = m(input_ids=token, attention_mask=am, **{name: cache}, use_cache=True)
-                times.append(time.perf_counter() - start)
-                token = out.logits[:, -1].argmax(-1, keepdim=True)
-        return float(np.median(times))
-
-    ratios = [step_time(model, True) / step_time(fixed, False) for _ in range(rounds)]
+    fixed, batch = static_bank(config, weights)[0], _decode_batch(tokenizer, test[:8])
+    ratios = [_step_time(model, batch, True, steps) / _step_time(fixed, batch, False, steps) for _ in range(rounds)]
     router_params = sum(p.numel() for p in router.parameters())
     bank_params = sum(t.numel() for t in weights.values())
     with db.conn:
@@ -529,3 +507,77 @@ def _zero_shot(db, run_id: int, config: ExperimentConfig, bank: ExperimentConfig
         sums.append(summary)
     db.write_unit(run_id, name, h, {**config.to_dict(), "system": "zero_shot", "bank": bank.name}, seed, rows, sums,
                   [], 0.0, time.perf_counter() - start, bank_data)
+
+
+COSTED = ("router", "all_on", "arrow", "multitask_lora", "controller")
+"""Systems whose decode cost is measured: a router (AR0 and AR1 alike; the random router too), the bank with c ≡ 1
+(the cost of any fixed expert, best single and oracles included: the same GEMMs), Arrow, the multi-task LoRA and the
+controller over the bank."""
+
+
+def _costs(db, config: ExperimentConfig, model, tokenizer, router: Router, weights, test: list[Episode], seed: int,
+           out: Path, run_id: int, data_root: Path | None, steps: int = 16, rounds: int = 3) -> None:
+    """Each system's decode step against the frozen base model's, measured in this process in interleaved rounds
+    (median per-step time of a batch of 8 test prompts), and its adapter parameters; stored as profiles
+    `router_cost:<system>` (metrics decode_ratio, parameters) under the baselines' hash. Skipped when stored."""
+    from bem.models import load_base
+    from bem.router import baselines
+
+    h = baseline_hash(config, "costs")
+    if db.conn.execute("SELECT 1 FROM profiles WHERE experiment LIKE 'router_cost:%' AND config_hash = ?",
+                       (h,)).fetchone():
+        return
+    bank_params = sum(t.numel() for t in weights.values())
+    systems = {"router": (model, True, bank_params + sum(p.numel() for p in router.parameters()))}
+    systems["all_on"] = (baselines.static_bank(config, weights)[0], False, bank_params)
+    systems["arrow"] = (baselines.arrow_model(config, weights, out / "router" / "arrow", seed)[0], False, bank_params)
+    for name, experiment in (("multitask_lora", config.router.multitask), ("controller", config.router.controller)):
+        other = _trained(experiment, config, seed, out, db, run_id, data_root)[0]
+        systems[name] = (other, name == "controller", sum(t.numel() for t in _adapter_tensors(other)))
+    base = load_base(config.model)[0].eval()
+    batch = _decode_batch(tokenizer, test[:8])
+    ratios = {name: [] for name in systems}
+    for _ in range(rounds):
+        reference = _step_time(base, batch, False, steps)
+        for name, (m, routed, _) in systems.items():
+            ratios[name].append(_step_time(m, batch, routed, steps) / reference)
+    device = str(next(model.parameters()).device)
+    with db.conn:
+        db.conn.executemany("INSERT INTO profiles VALUES (?, ?, ?, ?, ?)",
+                            [row for name, (_, _, params) in systems.items() for row in (
+                                (f"router_cost:{name}", h, "decode_ratio", float(np.median(ratios[name])), device),
+                                (f"router_cost:{name}", h, "parameters", float(params), "-"))])
+
+
+def _adapter_tensors(model) -> list[torch.Tensor]:
+    from bem import bem_state_dict
+
+    return list(bem_state_dict(model).values())
+
+
+def _decode_batch(tokenizer, eps: list[Episode]) -> tuple:
+    prompts = [_prompt(tokenizer, ep.parts[0].prompt)[-64:] for ep in eps]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    return ids, mask, torch.tensor([ep.side for ep in eps])
+
+
+def _step_time(m, batch: tuple, routed: bool, steps: int) -> float:
+    """Median seconds of one cached greedy decode step of `m` on `batch` after its prefill."""
+    from transformers import DynamicCache
+
+    ids, mask, side = batch
+    extra = {"bem_prompt_len": mask.sum(1), "bem_side": side} if routed else {}
+    name = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
+    cache, times = DynamicCache(), []
+    with torch.no_grad():
+        out = m(input_ids=ids, attention_mask=mask, **{name: cache}, use_cache=True, **extra)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            start = time.perf_counter()
+            out = m(input_ids=token, attention_mask=mask, **{name: cache}, use_cache=True)
+            times.append(time.perf_counter() - start)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return float(np.median(times))

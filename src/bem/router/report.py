@@ -67,6 +67,10 @@ def analyze(run_dir: Path, n_resamples: int = 10_000) -> dict:
         curves = {name: conn.execute("SELECT step, metric, value FROM router_curves WHERE unit_id = ? ORDER BY step",
                                      (u["id"],)).fetchall() for name, u in units.items()}
         profiles = dict(conn.execute("SELECT metric, value FROM profiles WHERE experiment = 'router'").fetchall())
+        costs = {}
+        for experiment, metric, value in conn.execute("SELECT experiment, metric, value FROM profiles WHERE "
+                                                      "experiment LIKE 'router_cost:%'"):
+            costs.setdefault(experiment.split(":", 1)[1], {})[metric] = value
     finally:
         conn.close()
     if "router/best_single" not in scores:
@@ -83,12 +87,24 @@ def analyze(run_dir: Path, n_resamples: int = 10_000) -> dict:
         row = {"system": name, "n": len(ids), "score": s.mean(),
                **{k: (sum(v) / len(v) if v else float("nan")) for k, v in kinds.items()},
                "switches": float(np.mean([switches[name][i][1] for i in ids])),
+               "cost": costs.get(cost_of(name, units)),
                "delta": paired_bca(best, s, n_resamples=n_resamples)}
         if oracle is not None and oracle.mean() > best.mean():
             row["gap"] = paired_bca(best, s, n_resamples=n_resamples, statistic=_gap(best, s, oracle))
         rows.append(row)
     verdicts = _verdicts(scores, ids, units, profiles, n_resamples)
     return {"rows": rows, "verdicts": verdicts, "units": units, "curves": curves, "profiles": profiles}
+
+
+def cost_of(name: str, units: dict) -> str:
+    """Which measured cost (experiment.COSTED) a system has: every router alike, every fixed expert and oracle as the
+    bank with c ≡ 1 (the same GEMMs), the others their own."""
+    system = units[name]["config"].get("system", "router")
+    if system in ("random", "router"):
+        return "router"
+    if system in ("arrow", "multitask_lora", "controller"):
+        return system
+    return "all_on"
 
 
 def _gap(best: np.ndarray, s: np.ndarray, oracle: np.ndarray):
@@ -207,12 +223,20 @@ def write_report(run_dir: Path, n_resamples: int = 10_000, to: Path | None = Non
               "(per-item oracle − best single). The oracles are upper bounds put together per part from the "
               "fixed-expert rollouts (the task-label oracle takes the expert of each part's task, the per-item oracle "
               "the best expert per part); they switch for free at the part boundary.", "",
-              "| system | all | mixed | composite | switches / episode | Δ vs best single [95% CI] | gap recovered [95% CI] |",
-              "|---|---|---|---|---|---|---|"]
+              "Cost: the adapter parameters the system needs (the bank, plus a router's or controller's own) and its "
+              "decode step against the frozen base model's, measured by the run in one process (interleaved rounds, "
+              "median; a fixed expert or an oracle costs what the bank with c ≡ 1 costs).", "",
+              "| system | all | mixed | composite | switches / episode | Δ vs best single [95% CI] | gap recovered [95% CI] "
+              "| parameters | decode × base |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         gap = _fmt_ci(row["gap"]) if "gap" in row else "—"
+        cost = row["cost"] or {}
+        params = f"{cost['parameters']:,.0f}" if "parameters" in cost else "—"
+        ratio = f"{cost['decode_ratio']:.3f}" if "decode_ratio" in cost else "—"
         lines.append(f"| `{row['system']}` | {row['score']:.4f} | {row['router_mixed']:.4f} | "
-                     f"{row['router_composite']:.4f} | {row['switches']:.2f} | {_fmt_ci(row['delta'])} | {gap} |")
+                     f"{row['router_composite']:.4f} | {row['switches']:.2f} | {_fmt_ci(row['delta'])} | {gap} | "
+                     f"{params} | {ratio} |")
     lines += ["", "![systems](systems.png)", ""]
     profiles = result["profiles"]
     if profiles:
