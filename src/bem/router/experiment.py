@@ -39,7 +39,8 @@ from bem.router.policy import Actions, Router, attach_router
 log = logging.getLogger(__name__)
 
 MIXED, COMPOSITE = "router_mixed", "router_composite"
-BASELINES = ("best_single", "all_on", "random", "arrow", "multitask_lora", "controller", "task_oracle", "item_oracle")
+BASELINES = ("best_single", "task_oracle", "item_oracle", "all_on", "random", "arrow", "multitask_lora", "controller")
+"""In the order they are computed: the ones put together from stored rollouts first, the ones that train last."""
 
 
 # --- episodes and rollouts -------------------------------------------------------------------------------
