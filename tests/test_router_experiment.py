@@ -101,7 +101,7 @@ def test_router_experiment_end_to_end(setup, root, monkeypatch, tmp_path, capsys
     assert all(v > 0 for v in costs.values())
     report = (out / "report.md").read_text()
     assert "| `trouter` | `router/best_single` |" in report and "## The expert bank" in report
-    assert "decode × base" in report
+    assert "decode × base" in report and "## The seed's claim" in report
     units = conn.execute("SELECT COUNT(*) FROM units").fetchone()[0]
     conn.close()
     assert _run(setup, root, monkeypatch, out) == 0  # a rerun finds everything done
