@@ -222,10 +222,10 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
                     backfill_unit(db, unit_id, config, seed, out, missing_conditions(db, unit_id, config, seed),
                                   missing_routing(db, unit_id, config), data_root)
                     done.append((config.name, seed, "backfilled"))
-                elif config.router is not None:  # the agentic router: bank, oracles, AR0/AR1, baselines
+                elif config.router is not None:  # the agentic router: bank, oracles, AR0/AR1, the quick baselines
                     from bem.router.experiment import run_unit as run_router_unit
 
-                    run_router_unit(db, run_id, config, seed, out, data_root, data[config.name])
+                    run_router_unit(db, run_id, config, seed, out, data_root, data[config.name], trained_baselines=False)
                     done.append((config.name, seed, "done"))
                 else:
                     run_unit(db, run_id, config, seed, out, data_root, data[config.name])
@@ -233,6 +233,12 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
             finally:
                 if main_process:
                     db.release(*key)
+        if main_process:  # the router's baselines that train, and every system's cost, once its units are done
+            from bem.router.experiment import run_unit as run_router_unit
+
+            for config, seed in units:
+                if config.router is not None and db.unit_id(config.name, config.config_hash(), seed, data[config.name]):
+                    run_router_unit(db, run_id, config, seed, out, data_root, data[config.name])
         return done
     finally:
         db.close()

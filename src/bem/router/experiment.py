@@ -278,9 +278,15 @@ def _store(db, run_id: int, name: str, config_hash: str, config_json: dict, seed
     return unit
 
 
+TRAINED = ("multitask_lora", "controller")
+"""Baselines that train a unit of their own: `bem run` computes them (and every system's cost) after all router units
+of the run, so an interrupted run holds AR0 and AR1 first."""
+
+
 def run_unit(db, run_id: int, config: ExperimentConfig, seed: int, out: Path, data_root: Path | None = None,
-             data: str | None = None) -> int:
-    """Bank, fixed experts, AR0 (and AR1), the router's test scores, then the baselines; each stored when done."""
+             data: str | None = None, trained_baselines: bool = True) -> int:
+    """Bank, fixed experts, AR0 (and AR1), the router's test scores, then the baselines (those that train and the
+    costs only with `trained_baselines`); each stored when done, so a rerun does only what is missing."""
     from bem.experiments import runner
     from bem.experiments.adapters import unit_data
 
@@ -351,7 +357,7 @@ def run_unit(db, run_id: int, config: ExperimentConfig, seed: int, out: Path, da
                "item_oracle": baselines_oracle(test_scores, None)}
     for system in BASELINES:
         name, h = f"router/{system}", baseline_hash(config, f"router/{system}")
-        if db.unit_id(name, h, seed, data) is not None:
+        if db.unit_id(name, h, seed, data) is not None or (system in TRAINED and not trained_baselines):
             continue
         start, train_seconds = time.perf_counter(), 0.0
         if system in derived:
@@ -363,7 +369,8 @@ def run_unit(db, run_id: int, config: ExperimentConfig, seed: int, out: Path, da
         rows = rows_of(test, scores, switches, lam, texts)
         extra = {"system": system, "best_expert": bank.tasks[best]} if system == "best_single" else {"system": system}
         _store(db, run_id, name, h, {**base_json, **extra}, seed, rows, train_seconds, time.perf_counter() - start, data)
-    _costs(db, config, model, tokenizer, router, weights, test, seed, out, run_id, data_root)
+    if trained_baselines:
+        _costs(db, config, model, tokenizer, router, weights, test, seed, out, run_id, data_root)
     return db.unit_id(config.name, unit_hash, seed, data)
 
 
