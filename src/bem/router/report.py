@@ -263,6 +263,13 @@ def write_report(run_dir: Path, n_resamples: int = 10_000, to: Path | None = Non
         lines.append(f"| `{row['system']}` | {row['score']:.4f} | {row['router_mixed']:.4f} | "
                      f"{row['router_composite']:.4f} | {row['switches']:.2f} | {_fmt_ci(row['delta'])} | {gap} | "
                      f"{params} | {ratio} |")
+    from bem.router.experiment import BASELINES
+
+    missing = [f"router/{b}" for b in BASELINES if f"router/{b}" not in result["units"]]
+    if missing or not any(row["cost"] for row in result["rows"]):
+        lines += ["", "Not stored yet: " + ", ".join(f"`{m}`" for m in missing)
+                  + ("; " if missing else "") + "the cost columns. `bem run` computes the baselines that train and "
+                  "the costs after the router units; rerun the same command to add what is missing."]
     lines += ["", "![systems](systems.png)", ""]
     profiles = result["profiles"]
     if profiles:
