@@ -150,6 +150,10 @@ def test_ar1_resumes_after_a_kill_where_it_stopped(setup, root, monkeypatch, tmp
     ("router: {budgets: [1.5]}\n", "router.budgets[0] = 1.5 is not allowed; expected a number > 0 and <= 1"),
     ("router: {algorithm: ppo}\n", "router.algorithm = 'ppo' is not allowed; expected one of 'bc', 'pg'"),
     ("router: {target_kl: 0}\n", "router.target_kl = 0 is not allowed; expected a number > 0 and <= 1"),
+    ("router: {test_mixed: 0, test_composite: 0}\n", "router.test_mixed = 0 is not allowed with a router: section; "
+     "expected > 0 when router.test_composite is 0"),
+    ("router: {bank: nosuch}\n", "router.bank = 'nosuch' is not allowed; expected an experiment of"),
+    ("router: {multitask: _defaults}\n", "router.multitask = '_defaults' is not allowed; expected an experiment of"),
 ])
 def test_router_config_errors_name_file_field_value_and_allowed(tmp_path, body, message):
     from bem.experiments.config import ConfigError, _merge, load_experiment
@@ -157,8 +161,9 @@ def test_router_config_errors_name_file_field_value_and_allowed(tmp_path, body, 
 
     shipped = yaml.safe_load(open(__import__("pathlib").Path(__file__).parents[1] / "experiments" / "ar0_bc.yaml"))
     data = _merge(shipped, yaml.safe_load(body))
-    (tmp_path / "_defaults.yaml").write_text(open(__import__("pathlib").Path(__file__).parents[1] / "experiments" /
-                                                  "_defaults.yaml").read())
+    shipped_dir = __import__("pathlib").Path(__file__).parents[1] / "experiments"
+    for name in ("_defaults", "experts_bank", "router_multitask_lora", "router_controller"):
+        (tmp_path / f"{name}.yaml").write_text((shipped_dir / f"{name}.yaml").read_text())
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError) as err:
         load_experiment("x", tmp_path)

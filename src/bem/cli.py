@@ -156,10 +156,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 if "gap" in row else ""
             print(f"{row['system']}: score {row['score']:.4f} (n={row['n']}) vs best single {row['delta'].estimate:+.4f} "
                   f"[{row['delta'].low:+.4f}, {row['delta'].high:+.4f}]{gap}")
-        for v in result["verdicts"]:
-            print(f"{v['experiment']} vs {v['versus']}: {v['verdict'].upper()}")
-            for reason in v["reasons"]:
-                print(f"  - {reason}")
+        _print_verdicts(result["verdicts"])
         return 0
     result = analyze(Path(args.run_dir), hierarchical=getattr(args, "hierarchical", False))
     if not result["verdicts_stored"]:
@@ -171,11 +168,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for c in result["comparisons"]:
         print(f"{c['experiment']} vs {c['versus']} {c['task']} [{c['slice']}] {c['metric']}: n={c['n']} "
               f"improvement {c['difference']:+.4f} CI [{c['low']:+.4f}, {c['high']:+.4f}] p={c['p']:.4f} BH p={c['p_bh']:.4f}")
-    for v in result["verdicts"]:
+    _print_verdicts(result["verdicts"])
+    return 0
+
+
+def _print_verdicts(verdicts: list[dict]) -> None:
+    for v in verdicts:
         print(f"{v['experiment']} vs {v['versus']}: {v['verdict'].upper()}")
         for reason in v["reasons"]:
             print(f"  - {reason}")
-    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -605,6 +605,8 @@ def _check(config: ExperimentConfig, source: str) -> None:
 def _check_bank(config: ExperimentConfig, source: str) -> None:
     """An expert bank (bem.experts > 1) is static, with one trainable task per expert: expert e trains on tasks[e]."""
     experts, controller, tasks = config.bem.experts, config.bem.controller, config.tasks
+    if config.training.init_bank is not None:
+        _check_named(source, "training.init_bank", config.training.init_bank, Path(source.split(" (preset ")[0]).parent)
     if config.router is not None:
         _check_router(config, source)
         return
@@ -638,9 +640,23 @@ def _check_router(config: ExperimentConfig, source: str) -> None:
               "a non-empty list of distinct numbers")]
     rules += [(f"bem.{name}", getattr(bem, name), not getattr(bem, name), "off (the router's codes are plain expert blocks)")
               for name in ("head_groups", "dynamic_rank", "film", "kron_sites")]
+    for split in ("train", "test"):
+        mixed, composite = getattr(r, f"{split}_mixed"), getattr(r, f"{split}_composite")
+        rules.append((f"router.{split}_mixed", mixed, mixed + composite > 0,
+                      f"> 0 when router.{split}_composite is 0 (the router needs {split} episodes)"))
     for field_name, value, ok, allowed in rules:
         if not ok:
             raise ConfigError(f"{source}: {field_name} = {value!r} is not allowed with a router: section; expected {allowed}")
+    for field_name in ("bank", "multitask", "controller"):
+        _check_named(source, f"router.{field_name}", getattr(r, field_name), Path(source.split(" (preset ")[0]).parent)
+
+
+def _check_named(source: str, field_name: str, name: str, directory: Path) -> None:
+    """A field that names another experiment (a name beside this file, or a .yaml path): that file must exist."""
+    path = Path(name) if name.endswith(".yaml") else directory / f"{name}.yaml"
+    if not path.is_file() or path.stem.startswith("_"):
+        raise ConfigError(f"{source}: {field_name} = {name!r} is not allowed; expected an experiment of "
+                          f"{directory} ({list_experiments(directory)}) or a .yaml path")
 
 
 def list_experiments(directory: Path = EXPERIMENTS_DIR) -> list[str]:
