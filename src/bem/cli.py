@@ -145,6 +145,56 @@ def cmd_experts_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_online_simulate(args: argparse.Namespace) -> int:
+    from bem.data.prepare import prepare
+    from bem.experiments.config import load_experiment
+    from bem.experiments.runner import run
+    from bem.online import report as online_report
+
+    overlay = _overlay(args)
+    config = load_experiment(args.experiment, overlay=overlay)
+    if config.online is None:
+        raise BEMError(f"--experiment {args.experiment!r} has no online: section; expected an online experiment "
+                       "(e.g. ol_shadow)")
+    prepare(config.tasks)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BEMError(f"--out {out} is a file; expected a run folder")
+    start = time.perf_counter()
+    run([args.experiment], out, command=" ".join(["bem"] + sys.argv[1:]), overlay=overlay)
+    report = online_report.write_report(out)
+    print(online_report.status_text(out), end="")
+    print(f"results in {out / 'results.sqlite'}, report {report} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def cmd_online_status(args: argparse.Namespace) -> int:
+    from bem.online import report as online_report
+
+    print(online_report.status_text(Path(args.run_dir)), end="")
+    return 0
+
+
+def cmd_online_rollback(args: argparse.Namespace) -> int:
+    from bem.experiments.config import load_experiment
+    from bem.experiments.results import ResultsDB
+    from bem.online.simulate import rollback
+
+    path = Path(args.run_dir) / "results.sqlite"
+    if not path.is_file():
+        raise BEMError(f"{args.run_dir}: no results.sqlite; expected the run folder of `bem online simulate`")
+    config = load_experiment(args.experiment, overlay=_overlay(args))
+    db = ResultsDB(path, create=False)
+    try:
+        frm, to = rollback(db, config, args.seed, Path(args.run_dir))
+    except ValueError as err:
+        raise BEMError(str(err)) from None
+    finally:
+        db.close()
+    print(f"{config.name} seed {args.seed}: live rolled back from version {frm} to version {to}")
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from bem.experiments.analysis import analyze
     from bem.router import report as router_report
@@ -404,6 +454,25 @@ def _main(argv: list[str]) -> int:
     bank.add_argument("--experiment", default="experts_bank", help="the bank's experiment: a name under experiments/ "
                       "or a .yaml path (default: experts_bank)")
     bank.set_defaults(func=cmd_experts_train)
+    online = sub.add_parser("online", help="online shadow mode (SPEC §5)").add_subparsers(dest="online_command",
+                                                                                        required=True)
+    sim = online.add_parser("simulate", help="serve the experiment's stream with the frozen, naive and shadow systems "
+                            "(resumable: a rerun continues from the last committed step), then write the report")
+    sim.add_argument("--experiment", default="ol_shadow", help="an online experiment (default: ol_shadow)")
+    sim.add_argument("--preset", default=None, help="overlay experiments/_PRESET.yaml (e.g. online_cpu)")
+    sim.add_argument("--quick", action="store_true", help="the quick overlay (experiments/_quick.yaml)")
+    sim.add_argument("--out", default="runs/online", help="run folder (default: runs/online)")
+    sim.set_defaults(func=cmd_online_simulate)
+    st = online.add_parser("status", help="where each system of a run folder's streams is, and what it decided")
+    st.add_argument("run_dir")
+    st.set_defaults(func=cmd_online_status)
+    rb = online.add_parser("rollback", help="put the shadow system's live weights back to the version before")
+    rb.add_argument("run_dir")
+    rb.add_argument("--experiment", default="ol_shadow")
+    rb.add_argument("--preset", default=None)
+    rb.add_argument("--quick", action="store_true")
+    rb.add_argument("--seed", type=int, default=0)
+    rb.set_defaults(func=cmd_online_rollback)
     args = parser.parse_args(argv)
     if getattr(args, "out", None) is not None and args.command == "run" and Path(args.out).exists() \
             and not Path(args.out).is_dir():

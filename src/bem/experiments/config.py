@@ -76,6 +76,26 @@ LIMITS: dict[str, Limit] = {
     "router.ent_coef": Limit(0, 1, "entropy bonus β"),
     "router.update_epochs": Limit(1, 1000, "passes over an update's decisions"),
     "router.rollout_batch": Limit(1, 4096, "episodes per generation batch"),
+    "online.delay": Limit(0, 1_000_000, "requests between a request and its feedback"),
+    "online.batch": Limit(1, 4096, "requests per serving step"),
+    "online.lr": Limit(0, 1, "AdamW learning rate of the online learners", low_open=True),
+    "online.update_batch": Limit(1, 4096, "feedback examples per online gradient step"),
+    "online.ewc": Limit(0, 1e9, "λ of the EWC penalty"),
+    "online.prox": Limit(0, 1e9, "μ of the proximal term"),
+    "online.replay": Limit(1, 1_000_000, "examples kept in the replay reservoir"),
+    "online.replay_share": Limit(0, 0.9, "share of a shadow update drawn from replay"),
+    "online.fisher_items": Limit(1, 100_000, "replayed examples the Fisher is estimated on"),
+    "online.canary_items": Limit(2, 100_000, "canary items per task"),
+    "online.watch_items": Limit(2, 100_000, "watch items per task"),
+    "online.check_every": Limit(1, 1_000_000, "feedback items between scheduled canary checks"),
+    "online.delta": Limit(0, 0.25, "total false-promotion risk δ over the stream", low_open=True),
+    "online.max_checks": Limit(1, 100_000, "canary checks planned (Bonferroni)"),
+    "online.false_alarms": Limit(0, 10_000, "false alarms per 10,000 stable items allowed", low_open=True),
+    "online.calibration_items": Limit(8, 100_000, "stable scores the detectors are calibrated on"),
+    "online.phases[].items": Limit(1, 10_000_000, "requests in a phase"),
+    "online.phases[].weights": Limit(0, 1e6, "mixture weight of a task", low_open=True, null="equal weights"),
+    "online.phases[].feedback": Limit(0, 1, "fraction of requests with feedback"),
+    "online.phases[].noise": Limit(0, 1, "fraction of a reference's words replaced"),
     **{f"bem.{name}": limit._replace(high=f"bem.{limit.high}") if isinstance(limit.high, str) else limit
        for name, limit in BEM_LIMITS.items()},
 }
@@ -211,6 +231,72 @@ class RouterConfig:
 
 
 @dataclass
+class Phase:
+    """One phase of the online stream (SPEC §5): its length, its task mixture and what its feedback is like."""
+
+    name: str
+    """A label for the report (stable, drift, noise, poisoned, recovery, ...)."""
+    items: int
+    """Requests in the phase."""
+    tasks: list[str]
+    """The tasks its requests are drawn from."""
+    weights: list[float] | None = None
+    """Mixture weights of `tasks` (normalised); null: equal."""
+    feedback: float = 0.5
+    """Fraction of requests whose reference reply comes back as feedback."""
+    noise: float = 0.0
+    """Fraction of each feedback reference's words replaced by words of other references (noisy feedback)."""
+    poison: bool = False
+    """Feedback references shuffled across the phase's requests (wrong references, across tasks)."""
+
+
+@dataclass
+class OnlineConfig:
+    """Online shadow mode (SPEC §5, OL): a shadow copy of the live controller learns from delayed feedback while the
+    live copy serves; a drift monitor and a canary gate decide promotions; a significant drop rolls back."""
+
+    live: str = "online_live"
+    """The experiment whose trained unit serves at the start (trained in the run folder first)."""
+    phases: list[Phase] = field(default_factory=list)
+    """The stream, in order; its phase boundaries are known, so detection delay and false alarms are measured."""
+    delay: int = 32
+    """Feedback for request i arrives with request i + delay."""
+    batch: int = 32
+    """Requests served per step (one generation batch); feedback arriving in it is learnt from after it."""
+    lr: float = 1.0e-3
+    """AdamW learning rate of the online learners (naive and shadow)."""
+    update_batch: int = 8
+    """Feedback examples per online gradient step."""
+    train_module: bool = False
+    """Also learn the sites' U and V online (default: the controller only)."""
+    ewc: float = 100.0
+    """λ of EWC: (λ/2) Σ F_i (θ_i − θ*_i)², F the per-example (diagonal, empirical) Fisher of the live weights θ*."""
+    prox: float = 1.0
+    """μ of the proximal term (μ/2) ‖θ − θ_live‖²."""
+    replay: int = 256
+    """Size of the reservoir replay buffer (seeded with the live unit's training items)."""
+    replay_share: float = 0.5
+    """Share of each shadow update's examples drawn from the replay buffer."""
+    fisher_items: int = 32
+    """Replayed examples the per-example Fisher is estimated on (at the start and after each promotion)."""
+    canary_items: int = 24
+    """Held-out canary items per task (dev split), scored by live and shadow before a promotion."""
+    watch_items: int = 24
+    """Held-out watch items per task (dev split, disjoint from the canary): after a promotion a drift alarm compares the
+    live version with its predecessor there, and a significant drop rolls back."""
+    check_every: int = 128
+    """Feedback items between scheduled canary checks (a drift alarm also triggers one)."""
+    delta: float = 0.05
+    """Total risk of a false promotion over the stream; each of `max_checks` canary checks runs at delta / max_checks."""
+    max_checks: int = 12
+    """Canary checks planned (Bonferroni); after that the shadow is not promoted again."""
+    false_alarms: float = 10.0
+    """Target false alarms per 10,000 items each drift detector is calibrated to, by simulation on stable scores."""
+    calibration_items: int = 128
+    """Live scores on stable-phase train items the detectors are calibrated on (resampled into simulated streams)."""
+
+
+@dataclass
 class ExperimentConfig:
     name: str
     """Unique name; the file name without .yaml."""
@@ -235,6 +321,8 @@ class ExperimentConfig:
     gates: Gates = field(default_factory=Gates)
     router: RouterConfig | None = None
     """The agentic router over an expert bank (experiments ar0_bc, ar1_pg); null: a module variant."""
+    online: OnlineConfig | None = None
+    """Online shadow mode over a stream (experiment ol_shadow, `bem online simulate`); null: not an online run."""
     source: str = field(default="", compare=False, repr=False)
     preset: str | None = field(default=None, compare=False, repr=False)
     """The preset overlay the config was loaded with (`_quick`, `_cpu`, ...), for experiments that load others."""
@@ -255,8 +343,9 @@ class ExperimentConfig:
         d = self.to_dict()
         d.pop("description")
         d.pop("seeds")
-        if d["router"] is None:  # added after results were stored
-            d.pop("router")
+        for section in ("router", "online"):  # added after results were stored
+            if d[section] is None:
+                d.pop(section)
         for section in ("training", "evaluation"):  # a config built in code may still say auto
             d[section]["precision"] = resolve(d[section]["precision"])
         for (section, key), stored in HASH_OPTIONAL.items():
@@ -296,8 +385,9 @@ def _describe(tp) -> str:
 
 
 def _key(where: str) -> str:
-    """The LIMITS/RULES key of a dotted field: list elements (`seeds[2]`) share their list's."""
-    return re.sub(r"\[\d+\]$", "", where)
+    """The LIMITS/RULES key of a dotted field: list elements (`seeds[2]`) share their list's, fields of list elements
+    (`online.phases[1].items`) their element type's (`online.phases[].items`)."""
+    return re.sub(r"\[\d+\]$", "", re.sub(r"\[\d+\]\.", "[].", where))
 
 
 def _allowed(tp, where: str) -> str:
@@ -500,8 +590,9 @@ def _load(name_or_path: str | Path, directory: Path, overlay: str | None, parity
             raise ConfigError(f"{path}: unknown preset {overlay!r}; expected one of {['_' + p for p in presets]} "
                               f"(the files _NAME.yaml of {path.parent} except _defaults.yaml)")
         preset = _raw(path.parent / f"{overlay}.yaml")
-        if "router" not in data:  # a preset's router: sizes the router experiments only
-            preset.pop("router", None)
+        for section in ("router", "online"):  # a preset's router: / online: sizes those experiments only
+            if section not in data:
+                preset.pop(section, None)
         data = _merge(data, preset)
         source = f"{path} (preset {overlay[1:]})"
     data.setdefault("name", path.stem)
@@ -610,6 +701,8 @@ def _check_bank(config: ExperimentConfig, source: str) -> None:
     if config.router is not None:
         _check_router(config, source)
         return
+    if config.online is not None:
+        _check_online(config, source)
     if experts == 1:
         return
     if controller != "static" and config.training.init_bank is None:
@@ -651,6 +744,33 @@ def _check_router(config: ExperimentConfig, source: str) -> None:
         _check_named(source, f"router.{field_name}", getattr(r, field_name), Path(source.split(" (preset ")[0]).parent)
 
 
+def _check_online(config: ExperimentConfig, source: str) -> None:
+    """An online stream: phases over the tasks that give feedback, each listed in the experiment's tasks."""
+    from bem.online.stream import ONLINE_TASKS
+
+    c = config.online
+    if not c.phases:
+        raise ConfigError(f"{source}: online.phases = [] is not allowed; expected at least one phase "
+                          "(name, items, tasks, ...)")
+    for i, phase in enumerate(c.phases):
+        where = f"online.phases[{i}]"
+        if not phase.tasks or len(set(phase.tasks)) != len(phase.tasks):
+            raise ConfigError(f"{source}: {where}.tasks = {phase.tasks!r} is not allowed; expected a non-empty list of "
+                              f"distinct tasks from {list(ONLINE_TASKS)}")
+        for j, task in enumerate(phase.tasks):
+            if task not in ONLINE_TASKS or task not in config.tasks:
+                raise ConfigError(f"{source}: {where}.tasks[{j}] = {task!r} is not allowed; expected one of "
+                                  f"{[t for t in ONLINE_TASKS if t in config.tasks]} (tasks with a reference reply, "
+                                  "listed in the experiment's tasks)")
+        if phase.weights is not None and len(phase.weights) != len(phase.tasks):
+            raise ConfigError(f"{source}: {where}.weights = {phase.weights!r} is not allowed; expected null or one "
+                              f"weight per task ({len(phase.tasks)})")
+    names = [p.name for p in c.phases]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: online.phases names {names} are not allowed; expected distinct names")
+    _check_named(source, "online.live", c.live, Path(source.split(" (preset ")[0]).parent)
+
+
 def _check_named(source: str, field_name: str, name: str, directory: Path) -> None:
     """A field that names another experiment (a name beside this file, or a .yaml path): that file must exist."""
     path = Path(name) if name.endswith(".yaml") else directory / f"{name}.yaml"
@@ -670,7 +790,7 @@ def list_presets(directory: Path = EXPERIMENTS_DIR) -> list[str]:
 
 # --- docs/configuration.md ------------------------------------------------------------------------
 SECTIONS = (("", ExperimentConfig), ("bem", BEMConfig), ("training", TrainingConfig), ("evaluation", EvalConfig),
-            ("gates", Gates), ("router", RouterConfig))
+            ("gates", Gates), ("router", RouterConfig), ("online", OnlineConfig), ("online.phases[]", Phase))
 """The mappings of an experiment file, in the order docs/configuration.md lists them."""
 
 _INTRO = """# Configuration reference

@@ -51,6 +51,10 @@ CREATE TABLE IF NOT EXISTS routing (unit_id INTEGER REFERENCES units(id), task T
 -- a unit being trained: the process holding it; a second process skips the unit instead of training it twice
 -- the router's training curves (AR0's epochs, AR1's updates): one row per (step, metric)
 CREATE TABLE IF NOT EXISTS router_curves (unit_id INTEGER REFERENCES units(id), step INTEGER, metric TEXT, value REAL);
+CREATE TABLE IF NOT EXISTS online_items (stream TEXT, system TEXT, idx INTEGER, phase TEXT, task TEXT, item_id TEXT,
+    version INTEGER, score REAL, observed REAL, prediction TEXT, UNIQUE (stream, system, idx));
+CREATE TABLE IF NOT EXISTS online_events (stream TEXT, system TEXT, idx INTEGER, kind TEXT, json TEXT);
+CREATE TABLE IF NOT EXISTS online_steps (stream TEXT, system TEXT, offset INTEGER, UNIQUE (stream, system, offset));
 CREATE TABLE IF NOT EXISTS leases (experiment TEXT, config_hash TEXT, data_fingerprint TEXT, seed INTEGER, pid INTEGER,
     host TEXT, started REAL, PRIMARY KEY (experiment, config_hash, data_fingerprint, seed));
 """

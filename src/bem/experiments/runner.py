@@ -203,8 +203,9 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
             key = (config.name, config.config_hash(), seed, data[config.name])
             unit_id = db.unit_id(*key)
             finished = unit_id is not None
-            if finished and not (main_process and (missing_conditions(db, unit_id, config, seed)
-                                                   or missing_routing(db, unit_id, config))):
+            if finished and (config.online is not None  # an online stream's unit is its served requests, nothing to add
+                             or not (main_process and (missing_conditions(db, unit_id, config, seed)
+                                                       or missing_routing(db, unit_id, config)))):
                 log.info("%s seed %d: finished earlier, skipped", config.name, seed)
                 done.append((config.name, seed, "skipped"))
                 continue
@@ -222,6 +223,11 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
                     backfill_unit(db, unit_id, config, seed, out, missing_conditions(db, unit_id, config, seed),
                                   missing_routing(db, unit_id, config), data_root)
                     done.append((config.name, seed, "backfilled"))
+                elif config.online is not None:  # online shadow mode: the live unit, then the stream (resumable)
+                    from bem.online.simulate import run_stream
+
+                    run_stream(db, run_id, config, seed, out, data_root, data[config.name])
+                    done.append((config.name, seed, "done"))
                 elif config.router is not None:  # the agentic router: bank, oracles, AR0/AR1, the quick baselines
                     from bem.router.experiment import run_unit as run_router_unit
 
