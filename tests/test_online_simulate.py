@@ -195,3 +195,46 @@ def test_rollback_restores_the_previous_version_bit_for_bit(setup, one_pass, tmp
         with pytest.raises(ValueError, match="no earlier version"):
             rollback(db, config, 0, out)
     db.close()
+
+
+def test_promotion_watch_and_rollback_paths(setup, online_root, monkeypatch, tmp_path):  # noqa: F811
+    """Scripted gate outcomes (the tiny model's scores cannot earn a promotion): the first canary check promotes, the
+    next downward alarm's watch comparison rolls back. Live serves the promoted weights in between and the rolled-back
+    ones after; the versions on disk are the weights live served."""
+    from safetensors.torch import load_file
+
+    from bem.online import simulate
+    from bem.online.canary import CanaryResult, RegressionResult
+    from bem.online.drift import Alarm
+
+    state = {"checks": 0, "watches": 0}
+
+    def scripted_canary(live, shadow, delta, **kw):
+        state["checks"] += 1
+        return CanaryResult(state["checks"] == 1, 0.1, 0.05, delta, {}, [] if state["checks"] == 1 else ["scripted"])
+
+    def scripted_regression(before, after, delta, **kw):
+        state["watches"] += 1
+        return RegressionResult(True, -0.1, -0.05, delta, {}, ["scripted drop"])
+
+    monkeypatch.setattr(simulate, "canary_test", scripted_canary)
+    monkeypatch.setattr(simulate, "regression_test", scripted_regression)
+    monkeypatch.setattr(simulate.Monitor, "update", lambda self, score: [Alarm("adwin", 0, "down")])
+    out = tmp_path / "run"
+    assert _simulate(setup, online_root, monkeypatch, out) == 0
+    items, events = _dump(out)
+    kinds = [(k, e.get("version"), e.get("from"), e.get("to")) for s, k, e in events
+             if s == "shadow" and k in ("promote", "watch", "rollback", "reset")]
+    assert kinds[0] == ("promote", 1, None, None)
+    assert ("rollback", None, 1, 0) in kinds and state["watches"] >= 1
+    promoted_at = next(e["idx"] for s, k, e in events if s == "shadow" and k == "promote")
+    rolled_at = next(e["idx"] for s, k, e in events if s == "shadow" and k == "rollback")
+    shadow = [r for r in items if r[0] == "shadow"]
+    assert all(r[4] == 0 for r in shadow if r[1] < promoted_at)  # version 0 before the promotion
+    assert all(r[4] == 1 for r in shadow if promoted_at <= r[1] < rolled_at)
+    assert all(r[4] == 0 for r in shadow if r[1] >= rolled_at)
+    folder = next(out.glob("online/*/shadow"))
+    v0, v1 = (load_file(folder / "versions" / f"v00{k}.safetensors") for k in (0, 1))
+    assert any(not torch.equal(v0[k], v1[k]) for k in v0)  # the promoted shadow had learnt something
+    final = load_file(next(folder.glob("step-*")) / "tensors.safetensors")
+    assert all(torch.equal(final[f"live/{k}"], v0[k]) for k in v0)  # rolled back to v0 bit for bit

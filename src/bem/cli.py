@@ -46,7 +46,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bem.experiments.report import write_report
     from bem.router import report as router_report
 
-    if router_report.is_router_folder(out):  # the router's own comparison table and verdicts
+    from bem.online import report as online_report
+
+    if online_report.is_online_folder(out):  # an online stream: its own report, no verdicts
+        report, verdicts = online_report.write_report(out), []
+        print(online_report.status_text(out), end="")
+    elif router_report.is_router_folder(out):  # the router's own comparison table and verdicts
         report = router_report.write_report(out)
         verdicts = router_report.analyze(out)["verdicts"]
     else:
@@ -197,8 +202,16 @@ def cmd_online_rollback(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from bem.experiments.analysis import analyze
+    from bem.online import report as online_report
     from bem.router import report as router_report
 
+    if online_report.is_online_folder(Path(args.run_dir)):
+        for key, result in online_report.analyze(Path(args.run_dir)).items():
+            print(f"stream {key}: {result['n']} requests served by every system")
+            for c in result["comparisons"]:
+                print(f"  {c['system']} vs {c['versus']} [{c['phase']}]: {c['difference']:+.4f} "
+                      f"[{c['low']:+.4f}, {c['high']:+.4f}] (n={c['n']})")
+        return 0
     if router_report.is_router_folder(Path(args.run_dir)):
         result = router_report.analyze(Path(args.run_dir))
         for row in result["rows"]:
@@ -231,8 +244,13 @@ def _print_verdicts(verdicts: list[dict]) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from bem.experiments.report import write_report
+    from bem.online import report as online_report
     from bem.router import report as router_report
 
+    if online_report.is_online_folder(Path(args.run_dir)):  # the online stream's report
+        path = online_report.write_report(Path(args.run_dir), to=Path(args.to) if args.to else None)
+        print(f"wrote {path}")
+        return 0
     if router_report.is_router_folder(Path(args.run_dir)):
         path = router_report.write_report(Path(args.run_dir), to=Path(args.to) if args.to else None)
         print(f"wrote {path}")
