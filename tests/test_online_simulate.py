@@ -238,3 +238,39 @@ def test_promotion_watch_and_rollback_paths(setup, online_root, monkeypatch, tmp
     assert any(not torch.equal(v0[k], v1[k]) for k in v0)  # the promoted shadow had learnt something
     final = load_file(next(folder.glob("step-*")) / "tensors.safetensors")
     assert all(torch.equal(final[f"live/{k}"], v0[k]) for k in v0)  # rolled back to v0 bit for bit
+
+
+def test_kill_9_mid_stream_and_rerun(setup, online_root, tmp_path, one_pass):  # noqa: F811
+    """A real SIGKILL of `bem online simulate` once the shadow system has committed a step (wherever it is then), and
+    a rerun: the same rows and decisions as one pass."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    script = ("import sys; from bem.data import prepare as p; p.prepare = lambda tasks: None; from bem.cli import main; "
+              f"sys.exit(main(['online', 'simulate', '--experiment', {str(setup / 'experiments' / 'tol.yaml')!r}, "
+              f"'--out', {str(out)!r}]))")
+    env = dict(os.environ, BEM_DATA=str(online_root), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        db = out / "results.sqlite"
+        if db.is_file():
+            conn = sqlite3.connect(db, timeout=30)
+            try:
+                done = conn.execute("SELECT COUNT(*) FROM online_steps WHERE system = 'shadow'").fetchone()[0]
+            except sqlite3.OperationalError:
+                done = 0
+            conn.close()
+            if done >= 1:
+                break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # still running: killed mid-stream
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rerun = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    assert _dump(out) == _dump(one_pass)
