@@ -7,7 +7,7 @@ import sys
 
 def main() -> int:
     problems = []
-    for module in ("bem", "bem.layer", "bem.controller", "bem.runtime", "bem.attach", "bem.stats", "bem.metrics",
+    for module in ("bem", "bem.module.layer", "bem.module.controller", "bem.module.runtime", "bem.module.attach", "bem.stats", "bem.metrics",
                    "bem.tasks", "bem.evaluate", "bem.budget", "bem.experiments.runner", "bem.experiments.report", "bem2"):
         try:
             importlib.import_module(module)

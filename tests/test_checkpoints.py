@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bem import BEMConfig, attach_bem, bem_layers, load_bem, save_bem
-from bem.attach import detach_bem
+from bem.module.attach import detach_bem
 from bem.errors import CheckpointError
 from bem.models import tiny
 from conftest import SITES, routed_tiny
@@ -387,7 +387,7 @@ def test_previous_format_loads_without_checksum_and_with_every_other_check(adapt
     meta = json.loads((old / "bem_config.json").read_text())
     assert meta["format_version"] == 2 and len(meta.pop("weights_sha256")) == 64
     (old / "bem_config.json").write_text(json.dumps({**meta, "format_version": 1}))
-    with caplog.at_level("WARNING", logger="bem.attach"):
+    with caplog.at_level("WARNING", logger="bem.module.attach"):
         model = load_bem(tiny("llama"), old)
     assert "has no checksum" in caplog.text
     with torch.no_grad():

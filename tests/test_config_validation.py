@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bem.config import BEMConfigError
+from bem.module.config import BEMConfigError
 from bem.errors import BEMError
 from bem.experiments.config import (LIMITS, SECTIONS, ConfigError, list_experiments, list_presets, load_experiment,
                                     schema_markdown)
@@ -233,10 +233,13 @@ def test_error_classes_are_bem_errors_and_value_errors():
 
 
 def test_shipped_experiments_load_with_every_preset():
-    assert list_presets() == ["cpu", "quick", "router_cpu"]
+    assert list_presets() == ["cpu", "online_cpu", "quick", "router_cpu"]
     for name in list_experiments():
-        for overlay in (None, "_cpu", "_quick", "_router_cpu"):  # router_cpu's router: sizes router experiments only
-            assert load_experiment(name, overlay=overlay).name == name
+        for overlay in (None, "_cpu", "_online_cpu", "_quick", "_router_cpu"):  # a preset's router: / online: sizes
+            config = load_experiment(name, overlay=overlay)                    # those experiments only
+            assert config.name == name
+            assert (config.router is None) == (name not in ("ar0_bc", "ar1_pg"))
+            assert (config.online is None) == (name != "ol_shadow")
 
 
 def test_configuration_doc_is_the_generated_schema():

@@ -145,7 +145,7 @@ def test_analytic_flops_match_torch_flop_counter(controller, kron):
 
     from bem import BEMConfig, attach_bem, bem_layers
     from bem.budget import budget, site_flops
-    from bem.layer import KronLayer, site_shape
+    from bem.module.layer import KronLayer, site_shape
     from bem.models import tiny
 
     tokens = 64

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bem.trust_region import trust_region_factor
+from bem.module.trust_region import trust_region_factor
 
 
 def dense_delta(U, V, code, s):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from bem import BEMConfig, attach_bem, bem_disabled, bem_layers, load_bem, save_bem
-from bem.config import BEMConfigError
-from bem.layer import KronLayer
+from bem.module.config import BEMConfigError
+from bem.module.layer import KronLayer
 from bem.models import tiny
 from conftest import SITES, routed_tiny, variant_options
 

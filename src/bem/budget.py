@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from bem.attach import attach_bem, bem_layers, hidden_size
-from bem.config import BEMConfig
-from bem.layer import BEMLayer, KronLayer, site_shape
+from bem.module.attach import attach_bem, bem_layers, hidden_size
+from bem.module.config import BEMConfig
+from bem.module.layer import BEMLayer, KronLayer, site_shape
 
 
 @dataclass(frozen=True)

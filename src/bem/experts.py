@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bem.attach import CONFIG_FILE, WEIGHTS_FILE, detach_bem, load_bem, save_bem
-from bem.config import BEMConfig
+from bem.module.attach import CONFIG_FILE, WEIGHTS_FILE, detach_bem, load_bem, save_bem
+from bem.module.config import BEMConfig
 from bem.errors import BEMError, CheckpointError
 
 EXPERTS_FILE = "experts.json"

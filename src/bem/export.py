@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bem.attach import bem_layers
-from bem.config import BEMConfig
-from bem.layer import KronLayer
+from bem.module.attach import bem_layers
+from bem.module.config import BEMConfig
+from bem.module.layer import KronLayer
 
 
 def _code(config: BEMConfig, code: torch.Tensor | None, expert: int | None) -> torch.Tensor:

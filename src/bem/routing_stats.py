@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bem.attach import bem_layers, bem_runtime, find_blocks
+from bem.module.attach import bem_layers, bem_runtime, find_blocks
 from bem.data.batches import prompt_ids
 from bem.data.prepare import data_root, read_split
 from bem.tasks import SPECS, side_vectors

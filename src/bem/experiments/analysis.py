@@ -269,7 +269,7 @@ def _corpus_comparisons(conn, units: dict, pairs: list, n_resamples: int) -> lis
 
 def _verdict(name: str, versus: str, comps: list[Comparison], units: dict) -> Verdict:
     from bem.budget import budget
-    from bem.config import BEMConfig
+    from bem.module.config import BEMConfig
 
     reasons, too_small = [], False
     alpha = units[name]["config"]["gates"].get("alpha", 0.05)  # gates.alpha: the Benjamini–Hochberg level

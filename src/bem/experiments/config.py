@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
-from bem.config import LIMITS as BEM_LIMITS
-from bem.config import RULES as BEM_RULES
-from bem.config import BEMConfig, BEMConfigError, Limit
+from bem.module.config import LIMITS as BEM_LIMITS
+from bem.module.config import RULES as BEM_RULES
+from bem.module.config import BEMConfig, BEMConfigError, Limit
 from bem.errors import BEMError
 
 # $BEM_EXPERIMENTS, else the repository's experiments/ folder

@@ -114,7 +114,7 @@ def _quality_latency(conn, path: Path) -> None:
 def _budget_lines(units: dict) -> list[str]:
     """Added parameters and FLOPs/token of each experiment's latest config, and their ratios to its reference."""
     from bem.budget import budget
-    from bem.config import BEMConfig
+    from bem.module.config import BEMConfig
 
     budgets = {name: budget(u["config"]["model"], BEMConfig.from_dict(u["config"]["bem"])) for name, u in units.items()}
     lines = ["", "## Budget parity", "", "| experiment | training | added parameters | added FLOPs/token | vs | "

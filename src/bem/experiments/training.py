@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from bem import attach_bem, bem_layers, bem_state_dict
-from bem.attach import _check_tensors, _crash_point, _fsync, _sha256
+from bem.module.attach import _check_tensors, _crash_point, _fsync, _sha256
 from bem.errors import CheckpointError
 from bem.data.batches import BatchSchedule, Example, encode_cached, pad_batch
 from bem.experiments.config import ExperimentConfig, TrainingConfig

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bem.attach import bem_layers
+from bem.module.attach import bem_layers
 from bem.data.batches import Example, collate
 from bem.experiments.config import OnlineConfig
 from bem.experiments.training import target_loss

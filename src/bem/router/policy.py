@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bem.config import BEMConfig
-from bem.controller import Controller, Heads
+from bem.module.config import BEMConfig
+from bem.module.controller import Controller, Heads
 from bem.experts import expert_mask
 
 
@@ -160,7 +160,7 @@ class Router(Controller):
 
 def attach_router(model: nn.Module, actions: Actions, hidden: int = 64, tau: float = 0.0) -> Router:
     """Replace the controller of a BEM-attached model (routed, every site of width actions.rank) by a Router."""
-    from bem.attach import bem_runtime
+    from bem.module.attach import bem_runtime
 
     runtime = bem_runtime(model)
     old = runtime.controller

@@ -24,11 +24,11 @@ from transformers.cache_utils import Cache
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.pytorch_utils import Conv1D
 
-from bem.config import BEMConfig, BEMConfigError
-from bem.controller import Controller, Heads
+from bem.module.config import BEMConfig, BEMConfigError
+from bem.module.controller import Controller, Heads
 from bem.errors import CheckpointError
-from bem.layer import BEMLayer, KronLayer, site_shape
-from bem.runtime import BEMRuntime
+from bem.module.layer import BEMLayer, KronLayer, site_shape
+from bem.module.runtime import BEMRuntime
 
 log = logging.getLogger(__name__)
 

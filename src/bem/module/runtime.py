@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bem.config import BEMConfig
-from bem.controller import Controller
+from bem.module.config import BEMConfig
+from bem.module.controller import Controller
 
 # the StreamState fields one call changes; an Undo keeps their values from before the call
 CARRIED = ("chunk", "code", "window_sum", "window_count", "seen", "prompt_done", "switches")

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from bem.trust_region import kron_fro_factor, trust_region_factor
+from bem.module.trust_region import kron_fro_factor, trust_region_factor
 
 if TYPE_CHECKING:
-    from bem.runtime import BEMRuntime
+    from bem.module.runtime import BEMRuntime
 
 
 def site_shape(layer: nn.Module) -> tuple[int, int]:
