@@ -4,7 +4,7 @@ For each system: mean score (mixed stream, composite episodes, all), the paired 
 with its BCa 95% CI, and the share of the gap between the best single expert and the per-item oracle it recovers,
     G = (mean s − mean best) / (mean oracle − mean best),
 with its BCa CI (the ratio recomputed on every resample of episodes). Verdicts (SPEC §7) for the routers: AR0 against
-the best single expert, AR1 against the best single expert and against AR0; promote only if the CI's lower bound is
+the best single expert and the multi-task LoRA, AR1 against those and against AR0; promote only if the CI's lower bound is
 above 0, the Benjamini–Hochberg adjusted p (sign-flip permutation, over the family of these comparisons) is below
 0.05, the added parameters are within the parity tolerance of the bank's and the router's decode step is within the
 latency gate of a fixed expert's; otherwise reject, with the reasons.
@@ -133,11 +133,13 @@ def _gap(best: np.ndarray, s: np.ndarray, oracle: np.ndarray):
 
 
 def _routers(units: dict) -> dict[str, list[str]]:
-    """The verdicts to compute: an AR0 (router.algorithm bc) against the best single expert; an AR1 (pg) against the
-    best single expert and against the folder's AR0."""
+    """The verdicts to compute: an AR0 (router.algorithm bc) against the best single expert and against the multi-task
+    LoRA of the same rank and budget (the strongest baseline a user would pick instead of a router); an AR1 (pg)
+    against those two and against the folder's AR0."""
     mine = {name: u["config"]["router"]["algorithm"] for name, u in units.items() if "system" not in u["config"]}
     bc_units = [name for name, algorithm in mine.items() if algorithm == "bc"]
-    return {name: ["router/best_single"] + (bc_units[:1] if algorithm == "pg" else []) for name, algorithm in mine.items()}
+    return {name: ["router/best_single", "router/multitask_lora"] + (bc_units[:1] if algorithm == "pg" else [])
+            for name, algorithm in mine.items()}
 
 
 def _verdicts(scores, ids, units, profiles, n_resamples) -> list[dict]:
