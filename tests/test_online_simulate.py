@@ -23,7 +23,7 @@ def online_root(tmp_path_factory, root):  # noqa: F811
         for split in ("train", "dev", "test"):
             items = [json.loads(line) for line in (root / task / f"{split}.jsonl").read_text().splitlines()]
             copies = [{**it, "id": f"{it['id']}#{k}"} for k in range(12) for it in items]
-            if task == "wordnet_qa" and split == "test":  # the bank is an ordinary unit: its index-swap conditions run
+            if task == "wordnet_qa" and split == "test":  # index-swap fields, should a unit here score its conditions
                 for it in copies:
                     for condition in ("shuffled", "corrupt"):
                         it[f"evidence_{condition}"], it[f"features_{condition}"] = it["evidence"][::-1], it["features"]

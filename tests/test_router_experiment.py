@@ -21,7 +21,7 @@ def setup(tmp_path_factory, root):  # noqa: F811
     model = tiny("llama", vocab_size=len(tokenizer))
     model.save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "model")
-    path = root / "wordnet_qa" / "test.jsonl"  # the bank is an ordinary experiment: its index-swap conditions run too
+    path = root / "wordnet_qa" / "test.jsonl"  # index-swap fields, should a unit here ever score its conditions
     items = [json.loads(line) for line in path.read_text().splitlines()]
     for it in items:
         for condition in ("shuffled", "corrupt"):

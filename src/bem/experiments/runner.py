@@ -142,14 +142,16 @@ def _bank_init(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, 
     bank_data = unit_data(bank, data_root)
     if db.unit_id(bank.name, bank.config_hash(), seed, bank_data) is None:
         log.info("%s: training its bank %s seed %d first", config.name, bank.name, seed)
-        run_unit(db, run_id, bank, seed, out, data_root, bank_data)
+        run_unit(db, run_id, bank, seed, out, data_root, bank_data, extras=False)
     return bank_weights(out, bank, seed)
 
 
 def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, out: Path,
-             data_root: Path | None = None, data: str | None = None) -> int:
-    """Train (resuming if a checkpoint exists), evaluate, and commit one unit; then its index-swap conditions,
-    each committed on its own."""
+             data_root: Path | None = None, data: str | None = None, extras: bool = True) -> int:
+    """Train (resuming if a checkpoint exists), evaluate, and commit one unit; then its routing statistics and
+    index-swap conditions, each committed on its own. `extras=False` skips those two: a unit trained as another
+    experiment's material (a router's bank and trained baselines, an online stream's live unit, a bank under
+    `training.init_bank`) is scored on its tasks only, since nothing reads the rest."""
     data = data if data is not None else unit_data(config, data_root, verify=True)
     name = unit_name(config, seed, data_root)
     checkpoint = out / "checkpoints" / name
@@ -174,8 +176,10 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
     unit_id = db.write_unit(run_id, config.name, config.config_hash(), config.to_dict(), seed, rows, summaries,
                             unit.curve, train_seconds, eval_seconds, data)
     shutil.rmtree(checkpoint, ignore_errors=True)  # the unit is committed; its adapter is kept
-    store_routing(db, unit_id, unit.model, unit.tokenizer, config, missing_routing(db, unit_id, config), by_task, data_root)
-    evaluate_conditions(db, unit_id, unit.model, unit.tokenizer, config, swap_conditions(config, seed), data_root)
+    if extras:
+        store_routing(db, unit_id, unit.model, unit.tokenizer, config, missing_routing(db, unit_id, config), by_task,
+                      data_root)
+        evaluate_conditions(db, unit_id, unit.model, unit.tokenizer, config, swap_conditions(config, seed), data_root)
     return unit_id
 
 

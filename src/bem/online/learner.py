@@ -130,7 +130,7 @@ class Learner:
             (loss + reg).backward()
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), 1.0)
             self.optimizer.step()
-            records.append({"loss": float(loss), "penalty": float(reg), "examples": len(batch)})
+            records.append({"loss": float(loss.detach()), "penalty": float(reg.detach()), "examples": len(batch)})
         if self.guarded:
             for ex in feedback:
                 self.replay.add(ex)

@@ -290,7 +290,7 @@ def run_stream(db, run_id: int, config: ExperimentConfig, seed: int, out: Path, 
     live = load_experiment(c.live, overlay=config.preset)
     if db.unit_id(live.name, live.config_hash(), seed, unit_data(live, data_root)) is None:
         log.info("online: training the live unit %s seed %d first", live.name, seed)
-        run_unit(db, run_id, live, seed, out, data_root)
+        run_unit(db, run_id, live, seed, out, data_root, extras=False)
     model, tokenizer = load_trained(live, seed, out, data_root)
     server = Server(model, tokenizer, live, config.evaluation.batch_size, data_root)
     requests = build_stream(c, seed, data_root)

@@ -296,7 +296,7 @@ def run_unit(db, run_id: int, config: ExperimentConfig, seed: int, out: Path, da
     bank_data = unit_data(bank, data_root)
     if db.unit_id(bank.name, bank.config_hash(), seed, bank_data) is None:
         log.info("router: training the expert bank %s seed %d first", bank.name, seed)
-        runner.run_unit(db, run_id, bank, seed, out, data_root, bank_data)
+        runner.run_unit(db, run_id, bank, seed, out, data_root, bank_data, extras=False)
     _zero_shot(db, run_id, config, bank, seed, bank_data, data_root)
     weights = bank_weights(out, bank, seed)
     model, tokenizer, router = routed_model(config, weights, seed)
@@ -417,7 +417,7 @@ def _trained(name: str, config: ExperimentConfig, seed: int, out: Path, db, run_
     other_data = unit_data(other, data_root)
     unit = db.unit_id(other.name, other.config_hash(), seed, other_data)
     if unit is None:
-        unit = runner.run_unit(db, run_id, other, seed, out, data_root, other_data)
+        unit = runner.run_unit(db, run_id, other, seed, out, data_root, other_data, extras=False)
     seconds = db.conn.execute("SELECT train_seconds FROM units WHERE id = ?", (unit,)).fetchone()[0]
     model, _ = load_trained(other, seed, out, data_root)
     return model, seconds
