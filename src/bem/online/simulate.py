@@ -27,7 +27,7 @@ from bem.experiments.config import ExperimentConfig, load_experiment
 from bem.online import store
 from bem.online.canary import canary_test, planned_delta, regression_test
 from bem.online.drift import Monitor, Thresholds, calibrate
-from bem.online.learner import Learner, load_weights, snapshot
+from bem.online.learner import Learner, load_weights, snapshot, trainable
 from bem.online.stream import Request, build_stream, calibration_items, held_out
 from bem.router.env import part_score
 from bem.tasks import SPECS, side_layout, side_vectors
@@ -131,7 +131,7 @@ class Simulation:
             self.learner.restore(tensors, values)
 
     def _use(self, weights: dict[str, torch.Tensor]) -> None:
-        load_weights(self.learner.params if self.learner else _params(self.server.model), weights)
+        load_weights(self.learner.params if self.learner else trainable(self.server.model, False), weights)
 
     # --- the loop --------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -274,10 +274,6 @@ class Simulation:
         return max(versions, default=0) + 1
 
 
-def _params(model) -> dict:
-    return {f"bem_controller.{n}": p for n, p in model.bem_controller.named_parameters()}
-
-
 # --- the whole run -----------------------------------------------------------------------------------------
 def run_stream(db, run_id: int, config: ExperimentConfig, seed: int, out: Path, data_root=None,
                data: str | None = None) -> None:
@@ -295,7 +291,7 @@ def run_stream(db, run_id: int, config: ExperimentConfig, seed: int, out: Path, 
     server = Server(model, tokenizer, live, config.evaluation.batch_size, data_root)
     requests = build_stream(c, seed, data_root)
     canary, watch = held_out(c, seed, data_root)
-    live0 = snapshot(_params(model))
+    live0 = snapshot(trainable(model, False))
     thresholds = _thresholds(db, config, seed, server, data_root)
     key = stream_key(config, seed)
     for system in SYSTEMS:
@@ -303,7 +299,7 @@ def run_stream(db, run_id: int, config: ExperimentConfig, seed: int, out: Path, 
         if db.unit_id(name, config.config_hash(), seed, data) is not None:
             continue
         start = time.perf_counter()
-        load_weights(_params(model), live0)
+        load_weights(trainable(model, False), live0)
         Simulation(system, config, seed, out, db, server, requests, canary, watch, thresholds, live0).run()
         rows = [{"task": r["task"], "id": f"online-{r['idx']:05d}", "prediction": r["prediction"],
                  "scores": {"score": r["score"]}, "meta": {}} for r in store.items(db, key, system)]
