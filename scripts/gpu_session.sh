@@ -15,7 +15,7 @@ MODE=${1:?stage or main}
 STAGE=${STAGE:-.dev/stage}  # the repo folder survives between calls to a warm machine
 OUT=${OUT:-.dev/out}
 BUDGET_S=${BUDGET_S:-520}
-V13="S1_anchor L0_lora v1_dynrank v2_gateshaping v3_kron v4_film"
+V13=${V13:-"S1_anchor L0_lora v1_dynrank v2_gateshaping v3_kron v4_film"}
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$STAGE" "$OUT"
 export PYTHONPATH=$PWD/.dev/site:$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 BEM_CACHE=$(cd "$STAGE" && pwd)/cache
@@ -25,7 +25,7 @@ if [ "$MODE" = stage ]; then
     cp .dev/p1/part1 "$STAGE/part1" && ls -la "$STAGE"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     $PY -c "import torch, transformers, accelerate, peft, sacrebleu; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"
-    timeout 200 $PY scripts/device_check.py 2>&1 | tee "$OUT/device_check.log"
+    timeout 90 $PY scripts/device_check.py 2>&1 | tee "$OUT/device_check.log"
     exit 0
 fi
 
@@ -39,35 +39,75 @@ $PY -m bem.models smollm2-135m || exit 4
 sha256sum "$BEM_CACHE/smollm2-135m-f32/model.safetensors"
 
 RUN=${RUN:-docs/results/v13_default}  # resumed in place: finished units are skipped (v13_gpu: the old defaults)
+WORKERS=${WORKERS:-17}  # `bem run` processes sharing the folder, each claims the next free unit (leases in the database):
+# one per unit left. On 2026-11-29 (H200) 9 + 1 processes ran side by side with each unit taking 230-250 s (one alone
+# took ~184 s on an H100): the GPU was far from busy, so more processes finish more units in the same minutes.
+LOGS=.dev/logs  # worker logs stay on the machine; their tails come back in one file
+mkdir -p "$LOGS"
+PREC=${PREC:-docs/results/precision}  # issue 14 item 1: bf16 twins of fp32 units, on the same GPU
 
-snapshot() {
-    $PY - "$RUN/results.sqlite" "$OUT/results.sqlite" <<'EOF'
+snapshot() {  # a consistent copy of every database in $OUT
+    for db in "$RUN/results.sqlite" $PREC/*/results.sqlite; do
+        [ -f "$db" ] || continue
+        name=$(echo "${db%/results.sqlite}" | sed 's|docs/results/||; s|/|_|g')
+        $PY - "$db" "$OUT/$name.sqlite" <<'EOF2'
 import sqlite3, sys
 src, dst = sqlite3.connect(sys.argv[1]), sqlite3.connect(sys.argv[2])
 src.backup(dst)
 dst.close(); src.close()
-EOF
+EOF2
+    done
 }
-$PY -m bem.cli run --experiments $V13 --out "$RUN" > "$OUT/run.log" 2>&1 &
-RUN_PID=$!
-PROFILE_S=${PROFILE_S:-100}  # the gates' profile runs last, in what is left
-while kill -0 $RUN_PID 2>/dev/null && [ $SECONDS -lt $((END - 15 - PROFILE_S)) ]; do
+# The v13 folder's stored unit (S1_anchor seed 0, CPU) is fp32: the GPU units are fp32 too, so they share its config
+# hash and one report compares them. One thread per process: the work is on the GPU.
+T0=$SECONDS
+PIDS=""
+for i in $(seq 1 "$WORKERS"); do
+    BEM_AUTO_PRECISION=fp32 OMP_NUM_THREADS=1 $PY -m bem.cli run --experiments $V13 --out "$RUN" > "$LOGS/run-$i.log" 2>&1 &
+    PIDS="$PIDS $!"
+    sleep 2  # staggered claims
+done
+(   # the precision twins: S1_anchor seed 1 in bf16 at the default budget, then the quick budget in fp32 and bf16
+    export OMP_NUM_THREADS=1
+    $PY -m bem.cli run --preset precision_bf16 --experiments S1_anchor --out $PREC/default_bf16
+    BEM_AUTO_PRECISION=fp32 $PY -m bem.cli run --quick --experiments S1_anchor --out $PREC/quick_fp32
+    BEM_AUTO_PRECISION=bf16 $PY -m bem.cli run --quick --experiments S1_anchor --out $PREC/quick_bf16
+) > "$LOGS/precision.log" 2>&1 &
+PIDS="$PIDS $!"
+TAIL_S=${TAIL_S:-20}
+alive() { for p in $PIDS; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+while alive && [ $SECONDS -lt $((END - TAIL_S)) ]; do
     sleep 20
     snapshot
-    grep -a -E "done|Error|error" "$OUT/run.log" | tail -2
+    echo "$((SECONDS - T0)) s: units stored: $(for f in "$OUT"/*.sqlite; do $PY -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('SELECT COUNT(*) FROM units').fetchone()[0], end=' ')" "$f"; done)"
 done
-kill $RUN_PID 2>/dev/null && echo "time budget spent: run stopped (finished units are in the database)"
-wait $RUN_PID 2>/dev/null
-# --comprehensive did not finish in 150 s on an H100 (2026-11-27), so the default repeats are used. The
-# same session's evaluation took ~3.4 s per batch of 16 with up to 80 new tokens (≥ 40 ms a step, about
-# the CPU's time per step at batch 1): the decode step looks bound by per-layer Python and kernel launches.
-[ -n "${SKIP_PROFILE:-}" ] || timeout $((END - SECONDS > 20 ? END - SECONDS - 10 : 10)) $PY -m bem.cli profile \
-    --device "${DEVICE:-cuda}" --experiments $V13 --out "$RUN" 2>&1 | tee "$OUT/profile.log" | grep " vs " | tail -40
+alive && echo "time budget spent at $((SECONDS - T0)) s: runs stopped (finished units are in the databases)"
+for p in $PIDS; do pkill -P "$p" 2>/dev/null; kill "$p" 2>/dev/null; done
+wait 2>/dev/null
+echo "runs: $((SECONDS - T0)) s wall, $WORKERS + 1 processes"
 snapshot
-$PY - "$OUT/results.sqlite" <<'EOF'
+# In the time left (none, most likely): the GPU table of `bem bench`, then the gates' profile of the trained units.
+LEFT=$((END - SECONDS - 10))
+if [ $LEFT -gt 150 ]; then  # 141 s on the H200 of 2026-11-29
+    timeout $LEFT $PY -m bem.cli bench --device cuda --precisions fp32 bf16 --rounds 2 --out "$OUT/bench-cuda.json" 2>&1 | tail -30
+fi
+LEFT=$((END - SECONDS - 10))
+if [ $LEFT -gt 40 ] && [ -z "${SKIP_PROFILE:-}" ]; then
+    BEM_AUTO_PRECISION=fp32 timeout $LEFT $PY -m bem.cli profile --device cuda --experiments $V13 --out "$RUN" 2>&1 | tee "$OUT/profile.log" | grep " vs " | tail -20
+    snapshot
+fi
+for db in "$OUT"/*.sqlite; do
+    echo "== $db"
+    $PY - "$db" <<'EOF2'
 import sqlite3, sys
 conn = sqlite3.connect(sys.argv[1])
-for row in conn.execute("SELECT experiment, seed, round(train_seconds, 1), round(eval_seconds, 1) FROM units ORDER BY id"):
+for row in conn.execute("SELECT experiment, seed, config_hash, round(train_seconds, 1), round(eval_seconds, 1) FROM units ORDER BY id"):
     print(*row)
-EOF
-tail -c 3000 "$OUT/run.log"
+EOF2
+done
+# At most 8 files come back from $OUT (16 MiB each), and the next call replaces every tracked file here, this
+# folder's results.sqlite too: whatever is not in $OUT when this call ends is lost. 2026-11-29 lost ten finished
+# units that way (ten logs filled the eight places before the database).
+for f in "$LOGS"/*.log; do echo "== $f"; tr '\r' '\n' < "$f" | grep -a -v "it/s\]\|step/s\]" | tail -40; done > "$OUT/logs.txt"
+grep -a -h -E "Error|Traceback" "$LOGS"/*.log | sort | uniq -c | head
+ls "$OUT" | wc -l | xargs echo "files in OUT (at most 8 come back):"

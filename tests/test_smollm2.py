@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from bem import BEMConfig, attach_bem
-from bem.data.batches import Example, collate
+from bem.data.batches import Example, collate, encode
 from bem.data.wordnet import read_synsets
-from bem.models import load_base
+from bem.models import align_eos, embedded_path, load_base
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +30,23 @@ def test_loads_offline_and_answers(smollm2):
     out = model.generate(**enc, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_training_targets_end_with_the_token_generation_stops_on(smollm2):
+    """transformers 5.17 reads the embedded GGUF's tokenizer with eos = <|im_start|> while the model stops on
+    <|im_end|>: units trained on such a tokenizer learned to end with <|im_start|> and never stopped."""
+    from transformers import AutoTokenizer
+
+    model, tok = smollm2
+    assert tok.eos_token_id == model.generation_config.eos_token_id == 2
+    (row,) = encode(tok, [Example("Define the word: cat", "a small feline")])
+    assert row.ids[-1] == 2
+    wrong = AutoTokenizer.from_pretrained(embedded_path("smollm2-135m"))
+    wrong.eos_token = "<|im_start|>"  # what transformers 5.17 reads from the GGUF
+    assert encode(wrong, [Example("Define the word: cat", "a small feline")])[0].ids[-1] == 1
+    align_eos(model, wrong, "test")
+    assert wrong.eos_token_id == 2
+    assert encode(wrong, [Example("Define the word: cat", "a small feline")])[0].ids[-1] == 2
 
 
 def test_bem_training_lowers_loss_on_real_data(smollm2):

@@ -70,6 +70,7 @@ def _dequantise(name: str) -> Path:
     config = type(gguf_model.config).from_dict(cfg)
     clean = type(gguf_model)(config)
     clean.load_state_dict(gguf_model.state_dict())
+    align_eos(clean, tokenizer, gguf_file)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     try:
@@ -82,6 +83,21 @@ def _dequantise(name: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("cached %s in %.1f s", name, time.perf_counter() - start)
     return target
+
+
+def align_eos(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """Make the tokenizer's end token the model's: the token generation stops on (`generation_config.eos_token_id`)
+    is the one training must teach (batches append `tokenizer.eos_token` to every target). transformers 5.17 reads
+    the embedded GGUF's tokenizer with eos = <|im_start|> (id 1) while the model stops on <|im_end|> (id 2); 5.24
+    reads <|im_end|>. Units trained under 5.17 learned to end replies with <|im_start|> and never stopped."""
+    stop = model.generation_config.eos_token_id if model.generation_config is not None else None
+    stop = [stop] if isinstance(stop, int) else list(stop or [])
+    if not stop or tokenizer.eos_token_id in stop:
+        return
+    token = tokenizer.convert_ids_to_tokens(stop[0])
+    log.warning("%s: the tokenizer's end token %r (id %s) is not the one the model stops on, %r (id %d); using %r",
+                where, tokenizer.eos_token, tokenizer.eos_token_id, token, stop[0], token)
+    tokenizer.eos_token = token
 
 
 def known_base(name_or_path: str) -> bool:
@@ -102,6 +118,7 @@ def load_base(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.floa
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
+    align_eos(model, tokenizer, str(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -57,9 +57,10 @@ _ENCODED_KEEP = 4  # data sets kept per process (each ~2.5 MB at the default bud
 
 
 def encode_cached(tokenizer, examples: Sequence[Example], max_length: int | None) -> list[Encoded]:
-    """`encode`, kept for the process under (tokenizer name, chat template, vocabulary size, max_length, the
-    examples themselves): the runner trains many units on the same examples, and encoding 4,000 takes ~2 s."""
-    key = (tokenizer.name_or_path, tokenizer.chat_template, len(tokenizer), max_length, tuple(examples))
+    """`encode`, kept for the process under (tokenizer name, chat template, vocabulary size, end token, max_length,
+    the examples themselves): the runner trains many units on the same examples, and encoding 4,000 takes ~2 s."""
+    key = (tokenizer.name_or_path, tokenizer.chat_template, len(tokenizer), tokenizer.eos_token, max_length,
+           tuple(examples))
     if key not in _ENCODED:
         while len(_ENCODED) >= _ENCODED_KEEP:
             _ENCODED.pop(next(iter(_ENCODED)))
