@@ -44,7 +44,7 @@ WORKERS=${WORKERS:-17}  # `bem run` processes sharing the folder, each claims th
 # took ~184 s on an H100): the GPU was far from busy, so more processes finish more units in the same minutes.
 LOGS=.dev/logs  # worker logs stay on the machine; their tails come back in one file
 mkdir -p "$LOGS"
-PREC=${PREC:-docs/results/precision}  # issue 14 item 1: bf16 twins of fp32 units, on the same GPU
+PREC=${PREC:-docs/results/precision}  # issue 14 item 1: fp32 and bf16 twins (scripts/precision_compare.py)
 
 snapshot() {  # a consistent copy of every database in $OUT
     for db in "$RUN/results.sqlite" $PREC/*/results.sqlite; do
@@ -59,7 +59,8 @@ EOF2
     done
 }
 # The v13 folder's stored unit (S1_anchor seed 0, CPU) is fp32: the GPU units are fp32 too, so they share its config
-# hash and one report compares them. One thread per process: the work is on the GPU.
+# hash and one report compares them (bf16 on the GPU is checked by the twins below). One thread per process: the
+# work is on the GPU.
 T0=$SECONDS
 PIDS=""
 for i in $(seq 1 "$WORKERS"); do
@@ -67,13 +68,13 @@ for i in $(seq 1 "$WORKERS"); do
     PIDS="$PIDS $!"
     sleep 2  # staggered claims
 done
-(   # the precision twins: S1_anchor seed 1 in bf16 at the default budget, then the quick budget in fp32 and bf16
-    export OMP_NUM_THREADS=1
-    $PY -m bem.cli run --preset precision_bf16 --experiments S1_anchor --out $PREC/default_bf16
-    BEM_AUTO_PRECISION=fp32 $PY -m bem.cli run --quick --experiments S1_anchor --out $PREC/quick_fp32
-    BEM_AUTO_PRECISION=bf16 $PY -m bem.cli run --quick --experiments S1_anchor --out $PREC/quick_bf16
-) > "$LOGS/precision.log" 2>&1 &
-PIDS="$PIDS $!"
+for budget in none quick; do  # the precision twins (issue 14 item 1): S1_anchor seed 1 in fp32 and in bf16, side by side
+    for prec in fp32 bf16; do
+        OMP_NUM_THREADS=1 $PY scripts/precision_compare.py --experiment S1_anchor --seed 1 --preset $budget \
+            --precision $prec --out "$PREC/${budget/none/default}" > "$LOGS/precision-$budget-$prec.log" 2>&1 &
+        PIDS="$PIDS $!"
+    done
+done
 TAIL_S=${TAIL_S:-20}
 alive() { for p in $PIDS; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
 while alive && [ $SECONDS -lt $((END - TAIL_S)) ]; do
@@ -84,7 +85,7 @@ done
 alive && echo "time budget spent at $((SECONDS - T0)) s: runs stopped (finished units are in the databases)"
 for p in $PIDS; do pkill -P "$p" 2>/dev/null; kill "$p" 2>/dev/null; done
 wait 2>/dev/null
-echo "runs: $((SECONDS - T0)) s wall, $WORKERS + 1 processes"
+echo "runs: $((SECONDS - T0)) s wall, $WORKERS + 4 processes"
 snapshot
 # In the time left (none, most likely): the GPU table of `bem bench`, then the gates' profile of the trained units.
 LEFT=$((END - SECONDS - 10))
@@ -96,6 +97,8 @@ if [ $LEFT -gt 40 ] && [ -z "${SKIP_PROFILE:-}" ]; then
     BEM_AUTO_PRECISION=fp32 timeout $LEFT $PY -m bem.cli profile --device cuda --experiments $V13 --out "$RUN" 2>&1 | tee "$OUT/profile.log" | grep " vs " | tail -20
     snapshot
 fi
+for budget in none quick; do $PY scripts/precision_compare.py --experiment S1_anchor --seed 1 --preset $budget \
+    --out "$PREC/${budget/none/default}" 2>&1 | tail -6; done
 for db in "$OUT"/*.sqlite; do
     echo "== $db"
     $PY - "$db" <<'EOF2'

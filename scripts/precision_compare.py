@@ -3,6 +3,10 @@ data and budget), then each task's primary per-item scores compared paired: bf16
 a permutation p-value (bem.stats), the same statistics a verdict uses.
 
     python scripts/precision_compare.py [--experiment S1_anchor] [--preset quick] [--seed 0] [--out runs/precision]
+                                        [--precision fp32|bf16|both]
+
+`--precision fp32` and `--precision bf16` in two processes on one GPU train the twins side by side (the database
+takes both); the comparison is printed once both units are stored.
 
 Units go to OUT/results.sqlite (resumable: a finished precision is not trained again); the comparison is printed and
 written to OUT/compare.json. bf16 is meant for hardware that runs it natively (a GPU, a CPU with AMX or AVX512-BF16):
@@ -54,6 +58,8 @@ def main() -> None:
     parser.add_argument("--preset", default="quick", help="overlay experiments/_PRESET.yaml; 'none' for the default budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "precision")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both",
+                        help="train only this twin (another process may train the other); default: both")
     args = parser.parse_args()
 
     from bem.experiments.adapters import unit_data
@@ -77,8 +83,13 @@ def main() -> None:
         config = dataclasses.replace(base, training=dataclasses.replace(base.training, precision=precision),
                                      evaluation=dataclasses.replace(base.evaluation, precision=precision))
         units[precision] = db.unit_id(config.name, config.config_hash(), args.seed, data)
-        if units[precision] is None:  # trained and scored clean only (no index-swap conditions, no routing passes)
+        if units[precision] is None and args.precision in (precision, "both"):
+            # trained and scored clean only (no index-swap conditions, no routing passes)
             units[precision] = train_and_score(db, run_id, config, args.seed, args.out, data)
+    if None in units.values():
+        missing = [p for p, u in units.items() if u is None]
+        print(f"{args.experiment} seed {args.seed}: {missing[0]} twin not stored yet; run --precision {missing[0]}")
+        return
     rows = []
     for task in base.tasks:
         metric = SPECS[task].primary
