@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from bem import bem_disabled
+from bem import bem_disabled, bem_layers
 from conftest import routed_tiny
 
 SIDE = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
@@ -234,3 +234,27 @@ def test_select_rows_keeps_the_remaining_rows_routing():
         a = model(step, past_key_values=cache, use_cache=True, bem_side=side[keep]).logits
         b = model(step, past_key_values=alone_cache, use_cache=True, bem_side=side[keep]).logits
     assert (a - b).abs().max().item() <= 1e-5
+
+
+def _decode_ops(model, kwargs) -> int:
+    """Top-level aten operator calls of one cached decode step after a 6-token prompt."""
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(ids, use_cache=True, **kwargs)
+        token = out.logits[:, -1:].argmax(-1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(token, past_key_values=out.past_key_values, use_cache=True)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+
+
+def test_a_routed_decode_step_adds_few_operator_calls_per_site():
+    """On a GPU each operator call is a launch and the decode step is launch-bound (docs/perf.md): a routed site adds
+    its two matmuls, the code's product and the sum, and nothing per call for an absent trust region, a one-segment
+    gather or same-dtype casts (17 top-level calls a site before, 10 after; docs/perf.md)."""
+    kwargs = {"bem_prompt_len": torch.tensor([6, 6]), "bem_side": torch.randn(2, 3)}
+    counts = {}
+    for sites in (["o_proj"], ["o_proj", "down_proj"]):  # 2 and 4 sites: the difference is per site
+        model = routed_tiny("llama", prefix_scope="prompt", sites=sites)
+        counts[len(bem_layers(model))] = _decode_ops(model, kwargs)
+    assert (counts[4] - counts[2]) / 2 <= 10, counts

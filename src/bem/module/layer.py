@@ -65,7 +65,10 @@ class BEMLayer(nn.Module):
         return self._merged_weight is not None
 
     def coefficients(self, code: torch.Tensor) -> torch.Tensor:
-        """c scaled by the trust-region factor of its ΔW, for code rows (…, r)."""
+        """c scaled by the trust-region factor of its ΔW, for code rows (…, r); c itself when there is no trust
+        region (no op at all: a decode step runs this at every site)."""
+        if self.tau_sigma is None and self.tau_fro is None:
+            return code
         factor = trust_region_factor(self.U, self.V, code, self.scaling, self.tau_sigma, self.tau_fro)
         return code * factor.unsqueeze(-1)
 
@@ -79,13 +82,18 @@ class BEMLayer(nn.Module):
         if self.site_index is None or runtime is None or runtime.config.controller == "static":
             code = torch.ones(self.width, device=x.device, dtype=dtype) if mask is None else mask
             return self.coefficients(code)
-        codes = runtime.token_values("code", self.site_index, x).to(dtype)  # (B, K, width)
-        return runtime.gather(self.coefficients(codes if mask is None else codes * mask))
+        codes = runtime.token_values("code", self.site_index, x)  # (B, K, width)
+        if codes.dtype != dtype:
+            codes = codes.to(dtype)
+        coef = self.coefficients(codes if mask is None else codes * mask)
+        # one segment (a decode step, a prompt read as one code): (B, 1, width) broadcasts over the tokens as the
+        # gather would have copied it, without the gather's three ops
+        return coef if coef.shape[1] == 1 else runtime.gather(coef)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """s · U diag(c) Vᵀ x, per token. Under autocast x goes in as it is (autocast casts; casting it to V's fp32
         first would cost two casts per site and call)."""
-        h = (x if torch.is_autocast_enabled(x.device.type) else x.to(self.V.dtype)) @ self.V
+        h = (x if x.dtype == self.V.dtype or torch.is_autocast_enabled(x.device.type) else x.to(self.V.dtype)) @ self.V
         return (h * self.token_coefficients(x)) @ self.U.T * self.scaling
 
     def gated_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +128,10 @@ class BEMLayer(nn.Module):
             tokens = self.gated_input(tokens)
             x = tokens.reshape(x.shape)
         y = self.base_layer(x)  # on the input's own shape, so W0 x is bit-identical to the base model's
-        return y + self.delta(tokens).reshape(y.shape).to(y.dtype)
+        delta = self.delta(tokens)
+        if delta.shape != y.shape:
+            delta = delta.reshape(y.shape)
+        return y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
 
     def delta_weight(self, code: torch.Tensor | None = None) -> torch.Tensor:
         """Dense ΔW (d_out × d_in) for one constant code (default c ≡ 1), trust region applied."""
@@ -191,6 +202,8 @@ class KronLayer(BEMLayer):
         return {"A": self.A, "B": self.B}
 
     def coefficients(self, code: torch.Tensor) -> torch.Tensor:
+        if self.tau_fro is None:
+            return code
         return code * kron_fro_factor(self.A, self.B, code, self.scaling, self.tau_fro).unsqueeze(-1)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
