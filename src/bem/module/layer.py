@@ -85,10 +85,7 @@ class BEMLayer(nn.Module):
         codes = runtime.token_values("code", self.site_index, x)  # (B, K, width)
         if codes.dtype != dtype:
             codes = codes.to(dtype)
-        coef = self.coefficients(codes if mask is None else codes * mask)
-        # one segment (a decode step, a prompt read as one code): (B, 1, width) broadcasts over the tokens as the
-        # gather would have copied it, without the gather's three ops
-        return coef if coef.shape[1] == 1 else runtime.gather(coef)
+        return runtime.gather(self.coefficients(codes if mask is None else codes * mask))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """s · U diag(c) Vᵀ x, per token. Under autocast x goes in as it is (autocast casts; casting it to V's fp32

@@ -256,7 +256,10 @@ class BEMRuntime:
         return self._codes[:, :, offset:offset + width]
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-segment values (B, J, w) → per-token values (B, T, w)."""
+        """Per-segment values (B, J, w) → per-token values (B, T, w); with one segment (every decode step) the values
+        themselves, (B, 1, w), which broadcast over the tokens as the gather would have copied them."""
+        if values.shape[1] == 1:
+            return values
         return torch.gather(values, 1, self._segment.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
 
     def film(self, index: int, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
