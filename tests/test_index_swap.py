@@ -427,3 +427,31 @@ def test_swap_seeds_limits_the_conditions_to_the_first_seeds_without_changing_th
     config.evaluation.swap_seeds = 1
     assert swap_conditions(config, 0) == everything and swap_conditions(config, 1) == swap_conditions(config, 2) == []
     assert config.config_hash() == before  # it changes no clean score: stored units keep their hashes
+
+
+def test_image_swap_gives_every_image_another_images_features():
+    """issue 17's image-swap control: every item gets another image's features (no image keeps its own), questions
+    about one image move together, every image's features are used once, and the question text is unchanged."""
+    from bem.evaluate import image_swap, with_condition
+
+    items = [{"id": f"test/{n}", "feature_row": row, "question": f"q{n}", "answer": "yes"}
+             for n, row in enumerate([3, 3, 7, 9, 9, 9, 12, 20])]
+    swapped = with_condition("easy_vqa", items, "features_shuffled")
+    assert swapped == image_swap(items)  # deterministic
+    assert all(s["feature_row"] != it["feature_row"] for s, it in zip(swapped, items))
+    assert [s["question"] for s in swapped] == [it["question"] for it in items]
+    moved = {it["feature_row"]: s["feature_row"] for s, it in zip(swapped, items)}
+    assert len(set(moved.values())) == len(moved) == 5 and set(moved.values()) == set(moved)  # a permutation
+    assert all(moved[it["feature_row"]] == s["feature_row"] for s, it in zip(swapped, items))  # per image
+    with pytest.raises(ValueError, match="at least 2 images"):
+        image_swap(items[:2])
+
+
+def test_easy_vqa_question_types_are_stored_as_item_meta():
+    from bem.tasks import item_meta, vqa_question_type
+
+    assert [vqa_question_type({"answer": a}) for a in ("yes", "no", "circle", "triangle", "teal", "red")] == \
+        ["yes/no", "yes/no", "shape", "shape", "colour", "colour"]
+    assert item_meta("easy_vqa", {"answer": "rectangle"}) == {"qtype_shape": 1.0}
+    assert item_meta("wordnet_qa", {"slice_a": True}) == {"slice_a": 1.0}
+    assert item_meta("bible_translate", {}) == {}

@@ -8,11 +8,12 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from bem.data.batches import prompt_ids
-from bem.tasks import SPECS, dumps, load_items, side_vectors
+from bem.tasks import SPECS, dumps, item_meta, load_items, side_vectors
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,22 @@ CONDITIONS = {"clean": ("evidence", "features"), "shuffled": ("evidence_shuffled
               "corrupt": ("evidence_corrupt", "features_corrupt"),
               "features_shuffled": ("evidence", "features_shuffled")}
 INDEX_SWAP = {"wordnet_qa": ("shuffled", "corrupt")}  # tasks with swapped-index conditions, and those conditions
-# clean evidence text, another query's evidence features: isolates what a controller takes from the features
-FEATURE_SWAP = {"wordnet_qa": ("features_shuffled",)}
+# clean evidence text, another query's evidence features: isolates what a controller takes from the features.
+# easy_vqa (issue 17's image-swap control): the question as it is, another image's features (image_swap).
+FEATURE_SWAP = {"wordnet_qa": ("features_shuffled",), "easy_vqa": ("features_shuffled",)}
+IMAGE_SWAP_SEED = 0
+
+
+def image_swap(items: list[dict], seed: int = IMAGE_SWAP_SEED) -> list[dict]:
+    """easy_vqa items with another image's features: the distinct images of `items` are put in a seeded random
+    order and each takes the next one's feature row (a cyclic shift: no image keeps its own, every image's features
+    are used once); questions about the same image all get the same other image. The question text is unchanged."""
+    images = sorted({it["feature_row"] for it in items})
+    if len(images) < 2:
+        raise ValueError(f"the image swap needs items about at least 2 images; these {len(items)} show {len(images)}")
+    order = [images[i] for i in np.random.default_rng(seed).permutation(len(images))]
+    other = {row: order[(k + 1) % len(order)] for k, row in enumerate(order)}
+    return [{**it, "feature_row": other[it["feature_row"]], "image_swapped_from": it["feature_row"]} for it in items]
 
 
 def check_condition(task: str, condition: str) -> None:
@@ -125,6 +140,8 @@ def with_condition(task: str, items: list[dict], condition: str, split: str = "t
     check_condition(task, condition)
     if condition == "clean":
         return items
+    if task == "easy_vqa":  # features_shuffled: features of another image, computed here (no prepared variants)
+        return image_swap(items)
     evidence, features = CONDITIONS[condition]
     for it in items:
         if evidence not in it or features not in it:
@@ -152,7 +169,7 @@ def evaluate_task(model, tokenizer, task: str, n: int | None, split: str = "test
                            side=side, desc=task if condition == "clean" else f"{task} {condition}",
                            bem_mask=None if mask is None else mask.expand(len(items), -1))
     rows = [{"task": task, "id": it["id"], "prediction": p, "scores": spec.score(p, it),
-             "meta": {"slice_a": float(it["slice_a"])} if "slice_a" in it else {},
+             "meta": item_meta(task, it),
              "reference": spec.reference(it)} for it, p in zip(items, predictions)]
     names = rows[0]["scores"].keys()
     summary = {"task": task, "split": split, "condition": condition, "n": len(rows), "primary": spec.primary,

@@ -100,6 +100,28 @@ SPECS: dict[str, TaskSpec] = {
 }
 
 
+VQA_SHAPES = ("circle", "rectangle", "triangle")
+
+
+def vqa_question_type(item: dict) -> str:
+    """easy_vqa's three kinds of question, by answer: 'yes/no', 'shape' (circle, rectangle, triangle) or 'colour'."""
+    answer = item["answer"]
+    return "yes/no" if answer in ("yes", "no") else "shape" if answer in VQA_SHAPES else "colour"
+
+
+QUESTION_TYPE_KEYS = {"yes/no": "qtype_yesno", "shape": "qtype_shape", "colour": "qtype_colour"}  # item_meta keys
+
+
+def item_meta(task: str, item: dict) -> dict[str, float]:
+    """What the analysis slices an item by (stored in item_meta): wordnet_qa's retrieval-strong flag, easy_vqa's
+    question type."""
+    if "slice_a" in item:
+        return {"slice_a": float(item["slice_a"])}
+    if task == "easy_vqa":
+        return {QUESTION_TYPE_KEYS[vqa_question_type(item)]: 1.0}
+    return {}
+
+
 def load_items(task: str, split: str, n: int | None, root: Path | None = None) -> list[dict]:
     """n items evenly spread through the split (files are in source order: books, lexicographer files)."""
     lines = split_lines(task, split, root)  # only the chosen lines are parsed

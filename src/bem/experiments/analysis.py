@@ -9,7 +9,7 @@ import numpy as np
 
 from bem.errors import DataError
 from bem.stats import benjamini_hochberg, cohens_dz, hierarchical_test, paired_bca_family, permutation_pvalues
-from bem.tasks import SPECS
+from bem.tasks import QUESTION_TYPE_KEYS, SPECS
 
 LOWER_IS_BETTER = {"violation", "violation_prob"}
 MIN_ITEMS = 100  # fewer paired items than this: no verdict
@@ -102,6 +102,9 @@ def compare(db_path: Path, n_resamples: int = 10_000,
     conn = open_for_analysis(db_path)
     units = _units(conn)
     slice_a = {(t, i) for t, i in conn.execute("SELECT task, item_id FROM item_meta WHERE key='slice_a' AND value=1")}
+    qtypes = {}  # easy_vqa: question type → its items (slices besides B)
+    for t, i, key in conn.execute("SELECT task, item_id, key FROM item_meta WHERE key LIKE 'qtype_%' AND value=1"):
+        qtypes.setdefault(key, set()).add((t, i))
     comparisons = []
     pairs, apart = [], {}
     for name, unit in units.items():
@@ -125,6 +128,10 @@ def compare(db_path: Path, n_resamples: int = 10_000,
                 seeds_theirs = _seed_scores(conn, versus, units[versus]["hash"], task, metric)
                 common = [i for i in common if all(i in scores for scores in seeds_ours + seeds_theirs)]
             slices = [("B", common)] + ([("A", [i for i in common if (task, i) in slice_a])] if task == "wordnet_qa" else [])
+            if task == "easy_vqa":  # by question type: yes/no, shape, colour
+                slices += [(label, [i for i in common if (task, i) in qtypes.get(key, ())])
+                           for label, key in QUESTION_TYPE_KEYS.items()]
+                slices = [(label, ids) for label, ids in slices if ids]
             for slice_name, ids in slices:
                 sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
                 per_seed = ((sign * np.array([[sc[i] for i in ids] for sc in seeds_theirs]),

@@ -325,7 +325,8 @@ def write_report(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = 
                "p from the same resamples as the CI (p < 0.05 exactly when the CI excludes 0); Benjamini–Hochberg "
                "over all rows' p (BH p, what the verdicts use); sign-flip p: the paired permutation test (corpus "
                "metrics: approximate randomisation), shown beside it. Slice B = all items, Slice A = retrieval-strong "
-               "items."), "",
+               "items (wordnet_qa); easy_vqa is also broken down by question type (yes/no, shape, colour); verdicts "
+               "read Slice B."), "",
               "| experiment | versus | task | slice | metric | n | improvement | 95% CI | p | BH p | sign-flip p |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
