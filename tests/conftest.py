@@ -20,6 +20,7 @@ VARIANTS = {
     "v2_gate_shaping": {"head_groups": 2, "gate_features": [0, 2]},
     "v3_kron": {"kron_sites": "down", "kron_factor": [4, 8]},
     "v4_film": {"film": 4},
+    "mm_projector": {"side_projector": "mlp2x_gelu"},
     "all": {"head_groups": 4, "gate_features": [1], "dynamic_rank": 3, "kron_sites": "down",
             "kron_factor": [8, 4], "kron_terms": 3, "film": 2},
 }

@@ -9,7 +9,9 @@ are loaded). FLOPs per token are analytic (a multiply-add counts 2):
 - residual FiLM (PT4): h + γ ⊙ (out − h) + β, 4·d per block;
 - the controller, paid once per chunk and so amortised over `chunk_size` tokens: pooling (d per
   token) plus its trunk and heads (2·(d + side_dim)·h + 2·h·outputs per chunk; the top-k scores of
-  PT2 count as outputs). V2's evidence term is computed once per sequence and is left out.
+  PT2 count as outputs). V2's evidence term is computed once per sequence and is left out. With a side
+  projector (MM) the trunk reads h projected channels instead of side_dim, and the projector adds
+  5·side_dim + 2·side_dim·h (+ 2·h² for mlp2x_gelu) per chunk.
 The trust region's small per-chunk work is below 1% of this at the default sizes and is left out.
 """
 from __future__ import annotations
@@ -59,7 +61,10 @@ def _budget(model_name: str, config_json: str) -> Budget:
     if controller is not None:
         d, h, heads = hidden_size(model), config.controller_hidden, controller.heads
         outputs = heads.width + (sum(heads.code) if heads.dynamic_rank is not None else 0)
-        per_chunk = 2 * (d + config.side_dim) * h + 2 * h * outputs
+        side = config.side_dim if config.side_projector is None else h  # a projector's output enters the trunk
+        per_chunk = 2 * (d + side) * h + 2 * h * outputs
+        if config.side_projector is not None:  # recomputed at each controller call: LayerNorm, linear (, GELU, linear)
+            per_chunk += 5 * config.side_dim + 2 * config.side_dim * h + (2 * h * h if config.side_projector == "mlp2x_gelu" else 0)
         flops += d + per_chunk / config.chunk_size + 4 * d * heads.film_blocks
     return Budget(parameters, flops, len(bem_layers(model)))
 

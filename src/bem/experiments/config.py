@@ -364,7 +364,7 @@ class ExperimentConfig:
 # the field is hashed only when it differs from it
 HASH_OPTIONAL = {("training", "controller_lr"): None, ("training", "batching"): "random",
                  ("evaluation", "precision"): "fp32", ("bem", "experts"): 1, ("bem", "max_switches"): None,
-                 ("training", "init_bank"): None}
+                 ("training", "init_bank"): None, ("bem", "side_projector"): None}
 # (section, field) of config fields that change no stored result (how much extra is evaluated; which experiment the
 # controller baseline is, added after router results were stored), never hashed
 HASH_EXCLUDED = (("evaluation", "swap_seeds"), ("router", "controller"))

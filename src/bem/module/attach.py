@@ -142,7 +142,8 @@ def attach_bem(model: nn.Module, config: BEMConfig) -> nn.Module:
                       film_blocks=len(film_blocks), dynamic_rank=config.dynamic_rank, rank=config.rank,
                       gate_features=config.gate_features, film_gamma_max=config.film_gamma_max,
                       film_beta_max=config.film_beta_max)
-        controller = Controller(hidden_size(model), config.side_dim, config.controller_hidden, heads)
+        controller = Controller(hidden_size(model), config.side_dim, config.controller_hidden, heads,
+                                config.side_projector)
         controller.to(next(model.parameters()).device)
         model.bem_controller = controller
     runtime = BEMRuntime(config, controller)

@@ -57,6 +57,7 @@ class Limit(NamedTuple):
         return out + (f", or null ({self.null})" if self.null else "")
 
 
+SIDE_PROJECTORS = (None, "linear", "mlp2x_gelu")
 LIMITS: dict[str, Limit] = {
     "rank": Limit(1, 4096, "basis directions per site"),
     "alpha": Limit(0, 65536, "scale numerator: s = alpha / rank", low_open=True),
@@ -141,6 +142,11 @@ class BEMConfig:
     """Width of the optional per-example side-input vector (retrieval evidence, image features)."""
     controller_hidden: int = 64
     """Hidden width of the controller MLP."""
+    side_projector: Literal["linear", "mlp2x_gelu"] | None = None
+    """How side inputs enter the controller. None: concatenated as they are to the summary (the controller's first
+    layer is then a linear projector of them). 'linear' or 'mlp2x_gelu' (LLaVA's projectors): LayerNorm, then one
+    linear layer, or linear-GELU-linear, to `controller_hidden` channels before the concatenation. For wide image
+    features (easy_vqa: 1280 EfficientNet-Lite0 channels)."""
     tau_sigma: float | None = None
     """Trust region on the spectral norm of each example's ΔW (None: off)."""
     tau_fro: float | None = None
@@ -219,6 +225,10 @@ class BEMConfig:
                   "'prompt' when controller='prefix' (chunked prompts need controller='chunk')")
         for name in ("chunk_size", "read_layer", "side_dim", "controller_hidden"):
             _check(src, name, getattr(self, name), integer=True)
+        if self.side_projector not in SIDE_PROJECTORS:
+            _fail(src, "side_projector", self.side_projector, f"one of {list(SIDE_PROJECTORS)} (null: concatenate as is)")
+        if self.side_projector is not None and not self.side_dim:
+            _fail(src, "side_projector", self.side_projector, "null when side_dim is 0 (there is nothing to project)")
         for name in ("hysteresis_tau", "tau_sigma", "tau_fro"):
             _check(src, name, getattr(self, name), integer=False)
         if self.layers is not None and (

@@ -56,12 +56,18 @@ class Heads:
 class Controller(nn.Module):
     """Summaries (…, d_model) and side inputs (…, side_dim) → the flat routing vector (…, heads.width)."""
 
-    def __init__(self, d_model: int, side_dim: int, hidden: int, heads: Heads):
+    def __init__(self, d_model: int, side_dim: int, hidden: int, heads: Heads, side_projector: str | None = None):
         super().__init__()
         self.heads, self.side_dim = heads, side_dim
         self.norm = nn.LayerNorm(d_model)
         self.start = nn.Parameter(torch.zeros(d_model))
-        self.inp = nn.Linear(d_model + side_dim, hidden)
+        self.project = None  # side inputs → `hidden` channels (LLaVA's linear / mlp2x_gelu projectors)
+        if side_projector is not None and side_dim:
+            layers = [nn.LayerNorm(side_dim), nn.Linear(side_dim, hidden)]
+            if side_projector == "mlp2x_gelu":
+                layers += [nn.GELU(), nn.Linear(hidden, hidden)]
+            self.project = nn.Sequential(*layers)
+        self.inp = nn.Linear(d_model + (hidden if self.project is not None else side_dim), hidden)
         self.out = nn.Linear(hidden, sum(heads.code))
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
@@ -133,7 +139,8 @@ class Controller(nn.Module):
     def forward(self, summary: torch.Tensor, side: torch.Tensor | None, gate_bias: torch.Tensor | None = None) -> torch.Tensor:
         """The routing vector (…, heads.width) for summaries (…, d_model) and side inputs (…, side_dim)."""
         if self.side_dim:
-            summary = torch.cat([summary, side.to(summary.dtype)], dim=-1)
+            side = side.to(summary.dtype)
+            summary = torch.cat([summary, side if self.project is None else self.project(side)], dim=-1)
         h = F.gelu(self.inp(summary))
         code = 2.0 * torch.sigmoid(self.out(h))
         if self.heads.dynamic_rank is not None:
