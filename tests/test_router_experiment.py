@@ -99,7 +99,13 @@ def test_router_experiment_end_to_end(setup, root, monkeypatch, tmp_path, capsys
                               "experiment LIKE 'router_cost:%'"))
     assert set(costs) == {f"router_cost:{s}" for s in ("router", "all_on", "arrow", "multitask_lora", "controller")}
     assert all(v > 0 for v in costs.values())
+    for baseline, own in (("router/multitask_lora", "tmt"), ("router/controller", "tctl")):
+        seconds, done = conn.execute("SELECT eval_seconds, finished FROM units WHERE experiment = ?",
+                                     (baseline,)).fetchone()
+        own_done = conn.execute("SELECT finished FROM units WHERE experiment = ?", (own,)).fetchone()[0]
+        assert 0 < seconds <= done - own_done + 1e-3, baseline  # its eval time excludes training its own unit
     report = (out / "report.md").read_text()
+    assert "Wall clock of the job:" in report
     assert "| `trouter` | `router/best_single` |" in report and "## The expert bank" in report
     assert "decode × base" in report and "## The seed's claim" in report
     units = conn.execute("SELECT COUNT(*) FROM units").fetchone()[0]

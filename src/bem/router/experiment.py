@@ -363,8 +363,9 @@ def run_unit(db, run_id: int, config: ExperimentConfig, seed: int, out: Path, da
         if system in derived:
             scores, switches, texts = derived[system], [0] * len(test), [""] * len(test)
         else:
-            runs, switches, train_seconds = _baseline_runs(system, config, weights, model, tokenizer, router, test,
-                                                           seed, out, db, run_id, data_root)
+            runs, switches, train_seconds, other_seconds = _baseline_runs(
+                system, config, weights, model, tokenizer, router, test, seed, out, db, run_id, data_root)
+            start += other_seconds  # a trained baseline's own unit (trained and scored just now) is not its eval time
             scores, texts = part_scores(test, runs), [_text(x) for x in runs]
         rows = rows_of(test, scores, switches, lam, texts)
         extra = {"system": system, "best_expert": bank.tasks[best]} if system == "best_single" else {"system": system}
@@ -381,10 +382,11 @@ def baselines_oracle(scores, experts_of_part):
 
 
 def _baseline_runs(system, config, weights, model, tokenizer, router, test, seed, out, db, run_id, data_root):
-    """(rollouts, switches, train seconds) of a baseline that generates."""
+    """(rollouts, switches, train seconds, seconds spent running the baseline's own unit) of a baseline that
+    generates."""
     from bem.router import baselines
 
-    r, train_seconds = config.router, 0.0
+    r, train_seconds, other_seconds = config.router, 0.0, 0.0
     if system == "random":
         saved = {k: v.clone() for k, v in router.state_dict().items()}
         baselines.random_router(router, seed)
@@ -393,18 +395,20 @@ def _baseline_runs(system, config, weights, model, tokenizer, router, test, seed
         finally:
             router.load_state_dict(saved)
             router.mode, router.generator = "greedy", None
-        return runs, switches, train_seconds
+        return runs, switches, train_seconds, 0.0
     if system == "all_on":
         other, _ = baselines.static_bank(config, weights)
     elif system == "arrow":
         other, _ = baselines.arrow_model(config, weights, out / "router" / "arrow", seed)
     elif system in ("multitask_lora", "controller"):
         name = config.router.multitask if system == "multitask_lora" else config.router.controller
+        start = time.perf_counter()
         other, train_seconds = _trained(name, config, seed, out, db, run_id, data_root)
+        other_seconds = time.perf_counter() - start
     else:
         raise ValueError(f"unknown baseline {system!r}; expected one of {BASELINES}")
     runs, switches, _ = run_episodes(other, tokenizer, test, r.rollout_batch)
-    return runs, switches, train_seconds
+    return runs, switches, train_seconds, other_seconds
 
 
 def _trained(name: str, config: ExperimentConfig, seed: int, out: Path, db, run_id: int, data_root: Path | None):
