@@ -122,6 +122,26 @@ def test_stream_served_by_three_systems(one_pass):
     assert (one_pass / "report.md").is_file()
 
 
+def test_serving_version_0_from_the_frozen_replies_changes_nothing(setup, online_root, monkeypatch, tmp_path,  # noqa: F811
+                                                                    one_pass):
+    """Naive and shadow reuse the frozen system's replies while their live weights are version 0: a run that generates
+    every reply itself stores the same rows and decisions."""
+    from bem.online import simulate
+
+    step = simulate.Simulation._step
+
+    def generate_every_reply(self, *args):
+        self.version0 = {}
+        return step(self, *args)
+
+    monkeypatch.setattr(simulate.Simulation, "_step", generate_every_reply)
+    out = tmp_path / "run"
+    assert _simulate(setup, online_root, monkeypatch, out) == 0
+    assert _dump(out) == _dump(one_pass)
+    items = _dump(one_pass)[0]
+    assert any(s == "shadow" and version == 0 for s, _, _, _, version, *_ in items)  # the reuse did happen
+
+
 def test_rerun_is_a_noop(setup, online_root, monkeypatch, one_pass):  # noqa: F811
     before = _dump(one_pass)
     assert _simulate(setup, online_root, monkeypatch, one_pass) == 0

@@ -35,3 +35,55 @@ def majority_rows(train: list[dict], test: list[dict]) -> list[dict]:
     return [{"task": "easy_vqa", "id": it["id"], "prediction": table.get(it["question"], fallback),
              "scores": spec.score(table.get(it["question"], fallback), it), "meta": item_meta("easy_vqa", it),
              "reference": spec.reference(it)} for it in test]
+
+
+TASK = "easy_vqa"
+SYSTEMS = ("majority", "zero_shot")
+"""The text baselines stored beside every easy_vqa unit, as units `mm/<system>` (bem.experiments.analysis compares
+every easy_vqa experiment with them)."""
+
+
+def text_baseline_config(system: str, config) -> dict:
+    """What a text baseline's scores depend on: the system, the base model (zero-shot) and the evaluated items."""
+    from bem.precision import resolve
+
+    ev = config.evaluation
+    return {"system": system, "model": config.model if system == "zero_shot" else None, "tasks": [TASK],
+            "anchor": None, "evaluation": {"items": ev.items, "split": ev.split,
+                                           "precision": resolve(ev.precision) if system == "zero_shot" else None}}
+
+
+def store_text_baselines(db, run_id: int, config, data_root=None) -> list[str]:
+    """The per-question majority (learnt from the whole train split) and the zero-shot base model on the easy_vqa items
+    `config` is evaluated on, each stored once per folder as unit `mm/<system>` (seed 0: both are deterministic).
+    Returns the systems stored now."""
+    import hashlib
+    import json
+    import time
+
+    from bem.data.prepare import data_fingerprints
+    from bem.experiments.results import data_key
+    from bem.tasks import load_items
+
+    ev, data, stored = config.evaluation, data_key(data_fingerprints([TASK], data_root)), []
+    for system in SYSTEMS:
+        body = text_baseline_config(system, config)
+        h = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+        if db.unit_id(f"mm/{system}", h, 0, data) is not None:
+            continue
+        start = time.perf_counter()
+        if system == "majority":
+            rows = majority_rows(load_items(TASK, "train", None, data_root), load_items(TASK, ev.split, ev.items, data_root))
+            summary = {"task": TASK, "means": {m: sum(r["scores"][m] for r in rows) / len(rows) for m in rows[0]["scores"]},
+                       "corpus": {}, "n": len(rows), "seconds": time.perf_counter() - start}
+        else:
+            from bem.evaluate import evaluate_task
+            from bem.models import load_base
+            from bem.precision import inference_precision
+
+            model, tokenizer = load_base(config.model)
+            with inference_precision(model.eval(), body["evaluation"]["precision"]):
+                rows, summary = evaluate_task(model, tokenizer, TASK, ev.items, ev.split, ev.batch_size, data_root)
+        db.write_unit(run_id, f"mm/{system}", h, body, 0, rows, [summary], [], 0.0, time.perf_counter() - start, data)
+        stored.append(system)
+    return stored

@@ -326,7 +326,7 @@ def profile(configs: list[ExperimentConfig], device: str = "cpu", batch: int = 1
     for config in configs:
         model, status, seed = profiled_model(config, run_dir, data_root)
         routed = config.bem.controller != "static"
-        layout = side_layout(config.tasks) if config.side_inputs and routed else None
+        layout = side_layout(config.tasks, config.side_inputs == "zeroed") if config.side_inputs and routed else None
         stream = kv_stream(tokenizer, task, layout=layout, chunk_size=cache_scope(config.bem), root=data_root)
         subjects.append(_subject(model.to(device), config.name, config.config_hash(), batch, prompt_len,
                                  config.bem.side_dim, vocab, stream, status, seed))

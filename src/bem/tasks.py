@@ -148,9 +148,17 @@ def dumps(obj) -> str:
 SIDE_DIMS = {"wordnet_qa": 5, "easy_vqa": 1280}  # evidence features; EfficientNet-Lite0 image features
 
 
-def side_layout(tasks: list[str]) -> dict[str, tuple[int, int]]:
+class SideLayout(dict):
+    """{task: (offset, width)} of the shared side vector; `zeroed`: every vector is zeros (the controller keeps its
+    width and projector and reads no information: `side_inputs: zeroed`)."""
+
+    zeroed = False
+
+
+def side_layout(tasks: list[str], zeroed: bool = False) -> SideLayout:
     """Where each task's side inputs sit in the shared side vector: {task: (offset, width)}."""
-    layout, offset = {}, 0
+    layout, offset = SideLayout(), 0
+    layout.zeroed = zeroed
     for task in tasks:
         if task in SIDE_DIMS and task not in layout:
             layout[task] = (offset, SIDE_DIMS[task])
@@ -163,8 +171,10 @@ def side_width(layout: dict[str, tuple[int, int]]) -> int:
 
 
 def side_vectors(task: str, items: list[dict], layout: dict[str, tuple[int, int]], root: Path | None = None) -> list[tuple]:
-    """Each item's side vector in the shared layout (zeros outside its task's slot)."""
+    """Each item's side vector in the shared layout (zeros outside its task's slot; all zeros if it is zeroed)."""
     out = np.zeros((len(items), side_width(layout)), dtype=np.float32)
+    if getattr(layout, "zeroed", False):
+        return [tuple(row) for row in out]
     own = side_inputs(task, items, root)
     if own is not None and task in layout:
         offset, width = layout[task]

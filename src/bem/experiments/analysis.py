@@ -14,6 +14,10 @@ from bem.tasks import QUESTION_TYPE_KEYS, SPECS
 LOWER_IS_BETTER = {"violation", "violation_prob"}
 MIN_ITEMS = 100  # fewer paired items than this: no verdict
 BASELINE = "L0_lora"
+TEXT_BASELINES = ("mm/majority", "mm/zero_shot")
+"""easy_vqa's systems that never see the image (bem.mm), stored beside every easy_vqa unit: every experiment that
+scores easy_vqa is also compared with them."""
+NOT_APPLICABLE = "note:"
 
 
 @dataclass
@@ -108,8 +112,11 @@ def compare(db_path: Path, n_resamples: int = 10_000,
     comparisons = []
     pairs, apart = [], {}
     for name, unit in units.items():
-        baseline = BASELINE if unit["config"]["bem"].get("experts", 1) == 1 else None  # a bank's experts are not v13 variants
-        for versus in dict.fromkeys([unit["config"]["anchor"], baseline]):
+        if "system" in unit["config"]:  # a stored baseline system (zero-shot, majority): compared with, never a subject
+            continue
+        baseline = (unit["config"].get("baseline") or BASELINE) if unit["config"]["bem"].get("experts", 1) == 1 else None
+        text = TEXT_BASELINES if "easy_vqa" in unit["config"]["tasks"] else []  # a bank's experts are not v13 variants
+        for versus in dict.fromkeys([unit["config"]["anchor"], baseline, *text]):
             if versus and versus != name and versus in units:
                 differ = _different_builds(units[name], units[versus])
                 if differ:
@@ -127,6 +134,8 @@ def compare(db_path: Path, n_resamples: int = 10_000,
                 seeds_ours = _seed_scores(conn, name, units[name]["hash"], task, metric)
                 seeds_theirs = _seed_scores(conn, versus, units[versus]["hash"], task, metric)
                 common = [i for i in common if all(i in scores for scores in seeds_ours + seeds_theirs)]
+            if not common:  # a task the other system does not score (a text baseline scores easy_vqa only)
+                continue
             slices = [("B", common)] + ([("A", [i for i in common if (task, i) in slice_a])] if task == "wordnet_qa" else [])
             if task == "easy_vqa":  # by question type: yes/no, shape, colour
                 slices += [(label, [i for i in common if (task, i) in qtypes.get(key, ())])
@@ -292,18 +301,22 @@ def _verdict(name: str, versus: str, comps: list[Comparison], units: dict) -> Ve
     reasons += guard_reasons(comps, alpha)
     config = units[name]["config"]
     gates = config["gates"]
-    ours = budget(config["model"], BEMConfig.from_dict(config["bem"]))
     theirs_cfg = units[versus]["config"]
-    theirs = budget(theirs_cfg["model"], BEMConfig.from_dict(theirs_cfg["bem"]))
-    p_ratio, f_ratio = ours.parameters / theirs.parameters, ours.flops_per_token / theirs.flops_per_token
-    tol = gates["parity_tolerance"]
-    if abs(p_ratio - 1) > tol or abs(f_ratio - 1) > tol:
-        reasons.append(f"budget parity fails: added parameters ×{p_ratio:.3f}, FLOPs/token ×{f_ratio:.3f} "
-                       f"(allowed ±{tol:.0%})")
-    reasons += _gate_reasons(units, name, versus, gates)
+    if "system" in theirs_cfg:  # a system without a module (zero-shot, a lookup table): nothing to hold at parity
+        reasons.append(f"{NOT_APPLICABLE} {versus} adds no module, so budget parity and the latency and memory gates "
+                       "do not apply; the verdict rests on the scores")
+    else:
+        ours = budget(config["model"], BEMConfig.from_dict(config["bem"]))
+        theirs = budget(theirs_cfg["model"], BEMConfig.from_dict(theirs_cfg["bem"]))
+        p_ratio, f_ratio = ours.parameters / theirs.parameters, ours.flops_per_token / theirs.flops_per_token
+        tol = gates["parity_tolerance"]
+        if abs(p_ratio - 1) > tol or abs(f_ratio - 1) > tol:
+            reasons.append(f"budget parity fails: added parameters ×{p_ratio:.3f}, FLOPs/token ×{f_ratio:.3f} "
+                           f"(allowed ±{tol:.0%})")
+        reasons += _gate_reasons(units, name, versus, gates)
     if units[name]["seeds"] and len(units[name]["seeds"]) < 2:
         reasons.append("single seed: seed-to-seed variance is not in the interval")
-    blocking = [r for r in reasons if not r.startswith("single seed")]
+    blocking = [r for r in reasons if not r.startswith(("single seed", NOT_APPLICABLE))]
     verdict = "no verdict" if too_small else ("promote" if not blocking else "reject")
     return Verdict(name, versus, verdict, reasons)
 

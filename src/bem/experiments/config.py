@@ -112,6 +112,9 @@ RULES: dict[str, str] = {
     "seeds": f"a list of 1..{MAX_SEEDS} distinct integers, each in {LIMITS['seeds'].interval()}",
     "anchor": "null (this is a baseline) or the name of another experiment of the same folder",
     "parity_with": "null (the anchor) or the name of another experiment of the same folder",
+    "side_inputs": "true, false, or zeroed (the controller's side-input width kept, zeros fed)",
+    "baseline": "null (L0_lora) or the name of the static-LoRA experiment of the same folder that every verdict is "
+                "also drawn against",
     **{f"bem.{name}": text for name, text in BEM_RULES.items()},
 }
 """What is allowed for the fields that are not numbers (nor a fixed set of values), in words."""
@@ -319,8 +322,13 @@ class ExperimentConfig:
     parity_with: str | None = None
     """Experiment whose added parameters and FLOPs/token this one must match within
     gates.parity_tolerance (default: the anchor). Baselines with `anchor: null` name it here."""
-    side_inputs: bool = True
-    """Feed each task's side inputs (evidence / image features) to the controller."""
+    side_inputs: bool | Literal["zeroed"] = True
+    """Feed each task's side inputs (evidence / image features) to the controller. `zeroed`: the controller keeps its
+    side-input width (and projector) but reads zeros in training and evaluation: the same parameters, no side
+    information (the text-only controller of the multimodal baselines)."""
+    baseline: str | None = None
+    """The static-LoRA experiment every verdict is also drawn against, besides the anchor; null: L0_lora. Changes no
+    result: not hashed."""
     gates: Gates = field(default_factory=Gates)
     router: RouterConfig | None = None
     """The agentic router over an expert bank (experiments ar0_bc, ar1_pg); null: a module variant."""
@@ -346,6 +354,7 @@ class ExperimentConfig:
         d = self.to_dict()
         d.pop("description")
         d.pop("seeds")
+        d.pop("baseline")  # which experiment verdicts are also drawn against changes no result
         for section in ("router", "online"):  # added after results were stored
             if d[section] is None:
                 d.pop(section)
@@ -643,9 +652,9 @@ def check_parity(config: ExperimentConfig, directory: Path) -> None:
 
 
 def _check_references(config: ExperimentConfig, directory: Path, source: str) -> None:
-    """`anchor` and `parity_with` name experiments of the same folder."""
+    """`anchor`, `parity_with` and `baseline` name experiments of the same folder."""
     experiments = list_experiments(directory)
-    for name in ("anchor", "parity_with"):
+    for name in ("anchor", "parity_with", "baseline"):
         value = getattr(config, name)
         if value is not None and value not in experiments:
             raise ConfigError(f"{source}: {name} = {value!r} is not allowed; expected null or one of the experiments "

@@ -23,6 +23,10 @@ model takes from the prompt text. The features-only swap does: systems whose con
 are also evaluated under `features_shuffled` (the clean passages in the prompt, another query's features to the
 controller), and clean − features_shuffled (paired BCa CI) is what the controller takes from the features; a CI
 containing 0 says the routing ignores them.
+
+Image swap (issue 17): every unit whose controller reads easy_vqa's image features is also evaluated under
+`features_shuffled` (the question as it is, another image's features: `bem.evaluate.image_swap`); clean −
+features_shuffled of accuracy, with a paired BCa CI, is what the routing takes from the image.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from bem.stats import BootstrapResult, paired_bca
 TASK = "wordnet_qa"
 CONDITIONS = ("clean", "shuffled", "corrupt")
 FEATURES = "features_shuffled"  # clean text, swapped features: the controller's share
+IMAGE_TASK, IMAGE_METRIC = "easy_vqa", "accuracy"  # the image swap (issue 17): the question as it is, another image
 METRICS = ("f1", "em")  # the primary metric first: the system's verdict is about it
 BASELINE = "L0_lora"
 MIN_ITEMS = 100  # as analysis.MIN_ITEMS: fewer paired items than this, no verdict
@@ -43,31 +48,32 @@ RULE = ("monotone: the CIs of clean − shuffled and shuffled − corrupt both l
         "lies below 0; inconclusive: otherwise")
 
 
-def _systems(conn) -> dict[str, dict]:
-    """Experiments whose latest config (what the analysis compares) has wordnet_qa among its tasks."""
+def _systems(conn, task: str = TASK) -> dict[str, dict]:
+    """Experiments whose latest config (what the analysis compares) has `task` among its tasks."""
     out = {}
     for experiment, config_hash, config_json in conn.execute(
             "SELECT u.experiment, u.config_hash, c.json FROM units u JOIN configs c ON c.hash = u.config_hash "
             "GROUP BY u.experiment HAVING u.finished = MAX(u.finished) ORDER BY u.experiment"):
         config = json.loads(config_json)
-        if TASK in config["tasks"]:
+        if task in config["tasks"] and "bem" in config:  # not a stored baseline system (zero-shot, majority)
             routed = config["bem"]["controller"] != "static"
             out[experiment] = {"hash": config_hash, "routed": routed,
-                               "reads_features": routed and bool(config.get("side_inputs"))}
+                               "reads_features": routed and config.get("side_inputs") is True}
     return out
 
 
-def _scores(conn, experiment: str, config_hash: str, metric: str) -> dict[str, dict[int, dict[str, float]]]:
+def _scores(conn, experiment: str, config_hash: str, metric: str,
+            task: str = TASK) -> dict[str, dict[int, dict[str, float]]]:
     """{condition: {seed: {item: value}}} of one system."""
     out: dict[str, dict[int, dict[str, float]]] = {c: {} for c in CONDITIONS + (FEATURES,)}
     clean = conn.execute("SELECT u.seed, s.item_id, s.value FROM item_scores s JOIN units u ON u.id = s.unit_id "
                          "WHERE u.experiment=? AND u.config_hash=? AND s.task=? AND s.metric=?",
-                         (experiment, config_hash, TASK, metric))
+                         (experiment, config_hash, task, metric))
     for seed, item, value in clean:
         out["clean"].setdefault(seed, {})[item] = value
     swapped = conn.execute("SELECT s.condition, u.seed, s.item_id, s.value FROM condition_scores s JOIN units u "
                            "ON u.id = s.unit_id WHERE u.experiment=? AND u.config_hash=? AND s.task=? AND s.metric=?",
-                           (experiment, config_hash, TASK, metric))
+                           (experiment, config_hash, task, metric))
     for condition, seed, item, value in swapped:
         if condition in out:
             out[condition].setdefault(seed, {})[item] = value
@@ -111,7 +117,8 @@ def analyze(db_path: Path, n_resamples: int = 10_000, min_items: int = MIN_ITEMS
     try:
         systems = _systems(conn) if conn.execute("SELECT 1 FROM sqlite_master WHERE name='units'").fetchone() else {}
         result = {"task": TASK, "metrics": list(METRICS), "rule": RULE, "n_resamples": n_resamples,
-                  "min_items": min_items, "systems": [], "versus_baseline": [], "without_conditions": [], "feature_swap": []}
+                  "min_items": min_items, "systems": [], "versus_baseline": [], "without_conditions": [], "feature_swap": [],
+                  "image_swap": []}
         if not conn.execute("SELECT 1 FROM sqlite_master WHERE name='condition_scores'").fetchone():
             result["without_conditions"] = list(systems)  # a database written before the index swap existed
             return result
@@ -138,6 +145,9 @@ def analyze(db_path: Path, n_resamples: int = 10_000, min_items: int = MIN_ITEMS
             result["systems"].append(row)
         result["feature_swap"] = [row for name, system in systems.items() if system["reads_features"]
                                   for row in [_feature_swap(conn, name, system["hash"], n_resamples, min_items)] if row]
+        result["image_swap"] = [row for name, system in _systems(conn, IMAGE_TASK).items() if system["reads_features"]
+                                for row in [_feature_swap(conn, name, system["hash"], n_resamples, min_items,
+                                                          IMAGE_TASK, IMAGE_METRIC)] if row]
         for name, system in systems.items():
             if not system["routed"] or name == BASELINE:
                 continue
@@ -151,9 +161,10 @@ def analyze(db_path: Path, n_resamples: int = 10_000, min_items: int = MIN_ITEMS
         conn.close()
 
 
-def _feature_swap(conn, name: str, config_hash: str, n_resamples: int, min_items: int) -> dict | None:
-    """clean − features_shuffled of the primary metric, over the seeds and items that have both."""
-    scores = _scores(conn, name, config_hash, METRICS[0])
+def _feature_swap(conn, name: str, config_hash: str, n_resamples: int, min_items: int, task: str = TASK,
+                  metric: str = METRICS[0]) -> dict | None:
+    """clean − features_shuffled of `task`'s primary metric, over the seeds and items that have both."""
+    scores = _scores(conn, name, config_hash, metric, task)
     clean, swapped = scores["clean"], scores[FEATURES]
     seeds = sorted(set(clean) & set(swapped))
     items = sorted(set.intersection(*(set(clean[s]) & set(swapped[s]) for s in seeds))) if seeds else []
@@ -164,18 +175,19 @@ def _feature_swap(conn, name: str, config_hash: str, n_resamples: int, min_items
     r = paired_bca(a, b, n_resamples=n_resamples)
     outcome = ("too few items" if len(items) < max(2, min_items) else
                "uses the features" if r.low > 0 else "features hurt" if r.high < 0 else "no evidence it uses them")
-    return {"experiment": name, "metric": METRICS[0], "n": len(items), "seeds": seeds, "clean": float(b.mean()),
+    return {"experiment": name, "task": task, "metric": metric, "n": len(items), "seeds": seeds, "clean": float(b.mean()),
             "features_shuffled": float(a.mean()), **_interval(r), "verdict": outcome,
-            "identical_predictions": _same_predictions(conn, name, config_hash, seeds)}
+            "identical_predictions": _same_predictions(conn, name, config_hash, seeds, task, metric)}
 
 
-def _same_predictions(conn, name: str, config_hash: str, seeds: list[int]) -> float:
+def _same_predictions(conn, name: str, config_hash: str, seeds: list[int], task: str = TASK,
+                      metric: str = METRICS[0]) -> float:
     """Share of items whose reply is the same with clean and with swapped features (1.0: the features changed nothing)."""
     rows = conn.execute(
         "SELECT s.prediction = c.prediction FROM item_scores s JOIN units u ON u.id = s.unit_id JOIN condition_scores c "
         "ON c.unit_id = s.unit_id AND c.task = s.task AND c.item_id = s.item_id AND c.metric = s.metric "
         f"WHERE u.experiment=? AND u.config_hash=? AND s.task=? AND s.metric=? AND c.condition=? "
-        f"AND u.seed IN ({','.join('?' * len(seeds))})", (name, config_hash, TASK, METRICS[0], FEATURES, *seeds)).fetchall()
+        f"AND u.seed IN ({','.join('?' * len(seeds))})", (name, config_hash, task, metric, FEATURES, *seeds)).fetchall()
     return float(np.mean([r[0] for r in rows])) if rows else float("nan")
 
 
@@ -198,7 +210,33 @@ def _versus(ours: tuple, theirs: tuple, name: str, metric: str, n_resamples: int
 
 
 def report_lines(result: dict) -> list[str]:
-    """The report's "Index swap (SPEC §6)" section."""
+    """The report's "Index swap (SPEC §6)" section, and its "Image swap" section when easy_vqa units have one."""
+    return _index_lines(result) + image_swap_lines(result)
+
+
+def image_swap_lines(result: dict) -> list[str]:
+    """easy_vqa's image swap (issue 17): the question as it is, another image's features to the controller. If the
+    routing uses the image, accuracy drops: clean − features_shuffled with a paired BCa 95% CI."""
+    rows = result.get("image_swap") or []
+    if not rows:
+        return []
+    lines = ["", "## Image swap (easy_vqa)", "", "Each question keeps its text; the controller reads another image's "
+             "features (a seeded cyclic shift over the distinct images: no image keeps its own). clean − "
+             "features_shuffled is what the routing takes from the image (paired BCa 95% CI; per item, the mean over "
+             "the seeds that have both).", "",
+             "| experiment | metric | n | seeds | clean | image swapped | difference | 95% CI | same reply | outcome |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for f in rows:
+        lines.append(f"| {f['experiment']} | {f['metric']} | {f['n']} | {','.join(map(str, f['seeds']))} | "
+                     f"{f['clean']:.4f} | {f['features_shuffled']:.4f} | {f['estimate']:+.4f} | "
+                     f"[{f['low']:+.4f}, {f['high']:+.4f}] | {f['identical_predictions']:.1%} | "
+                     f"{f['verdict'].replace('features', 'the image')} |")
+    return lines
+
+
+def _index_lines(result: dict) -> list[str]:
+    if not result["systems"] and not result["without_conditions"] and result.get("image_swap"):
+        return []  # an easy_vqa folder: its image swap is the section
     lines = ["", "## Index swap (SPEC §6)", ""]
     if not result["systems"] and not result["without_conditions"]:
         lines.append(f"No experiment in this folder has {TASK} among its tasks: there is no index to swap.")

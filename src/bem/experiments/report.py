@@ -30,8 +30,9 @@ def _curves(conn, path: Path) -> None:
     runs: dict[str, list[tuple]] = {}
     for experiment, unit in conn.execute(f"SELECT experiment, id FROM units u WHERE {_latest(conn)} "
                                          "ORDER BY experiment, seed"):
-        runs.setdefault(experiment, []).append(tuple(zip(*conn.execute(
-            "SELECT step, loss FROM curves WHERE unit_id=? ORDER BY step", (unit,)))))
+        curve = tuple(zip(*conn.execute("SELECT step, loss FROM curves WHERE unit_id=? ORDER BY step", (unit,))))
+        if curve:  # a system that is not trained (zero-shot, a lookup table) has no curve
+            runs.setdefault(experiment, []).append(curve)
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (experiment, seeds) in enumerate(runs.items()):
         color = f"C{i % 10}"
@@ -131,6 +132,19 @@ def _budget_lines(units: dict) -> list[str]:
             ratios = "— | — | —"
         lines.append(f"| {name} | {training} | {b.parameters:,} | {b.flops_per_token:,.0f} | {ratios} |")
     return lines
+
+
+def _text_baseline_lines(units: dict) -> list[str]:
+    """What the stored systems without a module are (bem.mm: easy_vqa's baselines that never see the image)."""
+    systems = {u["config"]["system"]: name for name, u in units.items() if "system" in u["config"]}
+    if not systems:
+        return []
+    what = {"majority": "the most frequent train answer for the exact question text (the whole train split; the overall "
+                        "train majority for a question never seen there); it never looks at the image",
+            "zero_shot": "the frozen base model, greedy, on the same prompts (the question only)"}
+    return ["", "## Systems without a module", "", "Stored beside the easy_vqa units on the same test items; every "
+            "experiment scoring easy_vqa is compared with them (budget parity and the latency and memory gates do not "
+            "apply to them).", ""] + [f"- `{name}`: {what.get(system, system)}" for system, name in sorted(systems.items())]
 
 
 def _profile_lines(conn) -> list[str]:
@@ -285,7 +299,8 @@ def write_report(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = 
              "Commands that wrote units into this folder (a preset or `--quick` says how small the budgets were):", ""]
     lines += [f"- `{command}`" for (command,) in conn.execute(
         "SELECT DISTINCT r.command FROM runs r JOIN units u ON u.run_id = r.id ORDER BY r.id")]
-    lines += _budget_lines(result["units"]) + _profile_lines(conn)
+    modules = {name: u for name, u in result["units"].items() if "bem" in u["config"]}  # not the text baselines
+    lines += _budget_lines(modules) + _text_baseline_lines(result["units"]) + _profile_lines(conn)
     lines += ["", "## Units", "",
               "Every unit stored, by config and data build; the analysis uses each experiment's latest (marked ●) and "
               "never pools units of different configs or data builds.", "",
@@ -302,8 +317,9 @@ def write_report(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = 
         build = ", ".join(f"{t} `{f[:8]}`" for t, f in json.loads(data).items()) if data else "not recorded"
         mark = " ●" if (experiment, config_hash, data) in latest else ""
         config = json.loads(config) if config else {}
-        precision = "/".join(config.get(section, {}).get("precision", "fp32") for section in ("training", "evaluation"))
-        batching = config.get("training", {}).get("batching", "random")  # configs stored before the field: random
+        precision = "/".join("—" if section not in config else config[section].get("precision", "fp32") or "—"
+                             for section in ("training", "evaluation"))  # "—": not trained, or no model to run
+        batching = config["training"].get("batching", "random") if "training" in config else "—"  # before the field: random
         lines.append(f"| {experiment}{mark} | `{config_hash}` | {build} | {seeds} | {train:.0f} | {evals:.0f} | "
                      f"{precision} | {batching} |")
     lines += ["", "## Scores (latest config of each experiment; mean over items and seeds)", "",
@@ -315,7 +331,7 @@ def write_report(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = 
             f"SELECT u.experiment, m.task, m.metric, AVG(m.value) FROM metrics m JOIN units u ON u.id = m.unit_id "
             f"WHERE {_latest(conn)} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"):
         lines.append(f"| {experiment} | {task} | {metric} | {corpus.get((experiment, task, metric), value):.4f} |")
-    lines += _routing_lines(conn, result["units"])
+    lines += _routing_lines(conn, modules)
     lines += ["", "## Comparisons", "",
               ("Paired by item; improvement = experiment − versus (for violation: versus − experiment); "
                + (f"seed × item percentile bootstrap 95% CI (`--hierarchical`: items resampled paired, seeds resampled "

@@ -53,7 +53,8 @@ def check_data(configs: list[ExperimentConfig], data_root: Path | None = None) -
 
 def _layout(config: ExperimentConfig) -> dict | None:
     """The side-input layout the unit's controller reads at evaluation (None: it reads none)."""
-    return side_layout(config.tasks) if config.side_inputs and config.bem.controller != "static" else None
+    return (side_layout(config.tasks, config.side_inputs == "zeroed")
+            if config.side_inputs and config.bem.controller != "static" else None)
 
 
 def swap_conditions(config: ExperimentConfig, seed: int | None = None) -> list[tuple[str, str]]:
@@ -66,7 +67,7 @@ def swap_conditions(config: ExperimentConfig, seed: int | None = None) -> list[t
     limit = config.evaluation.swap_seeds
     if seed is not None and limit is not None and seed not in config.seeds[:limit]:
         return []  # evaluation.swap_seeds: only the experiment's first seeds get the conditions
-    reads_features = config.side_inputs and config.bem.controller != "static"
+    reads_features = config.side_inputs is True and config.bem.controller != "static"  # zeroed: nothing to swap
     return [(task, condition) for task in config.tasks
             for condition in INDEX_SWAP.get(task, ()) + (FEATURE_SWAP.get(task, ()) if reads_features else ())]
 
@@ -249,6 +250,12 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
             for config, seed in units:
                 if config.router is not None and db.unit_id(config.name, config.config_hash(), seed, data[config.name]):
                     run_router_unit(db, run_id, config, seed, out, data_root, data[config.name])
+            from bem.mm import TASK, store_text_baselines
+
+            for config in configs:  # easy_vqa's text baselines on the items its experiments are scored on (bem.mm)
+                if TASK in config.tasks and config.router is None and config.online is None:
+                    for system in store_text_baselines(db, run_id, config, data_root):
+                        log.info("mm/%s: stored on %s's easy_vqa items", system, config.name)
         return done
     finally:
         db.close()

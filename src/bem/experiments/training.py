@@ -60,7 +60,7 @@ def seed_everything(seed: int) -> None:
 def training_examples(config: ExperimentConfig, data_root: Path | None = None) -> list[Example]:
     """Every task's training items as examples; tasks without a target (safety) are not trained on. In a static
     expert bank each example carries its task's expert mask, so expert e learns from tasks[e] alone."""
-    layout = side_layout(config.tasks) if config.side_inputs else {}
+    layout = side_layout(config.tasks, config.side_inputs == "zeroed") if config.side_inputs else {}
     masks = {task: tuple(m.tolist()) for task, m in bank_masks(config.bem, config.tasks).items()}
     examples = []
     for task in config.tasks:

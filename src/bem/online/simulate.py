@@ -9,7 +9,11 @@
 
 One serving step: the live weights reply to `batch` requests (true scores against each item's own reference); the
 feedback arriving with them is scored against the replies it belongs to (observed scores, the monitor's input); the
-learner learns from it; the shadow may be checked. Then the step is committed (`store.py`)."""
+learner learns from it; the shadow may be checked. Then the step is committed (`store.py`).
+
+Nothing is generated twice: while a system's live weights are version 0 (naive before its first update, shadow
+before its first promotion or after a rollback to it) it serves the frozen system's stored replies to the same
+batches, and canary and watch scores are cached per version (a version's weights never change)."""
 from __future__ import annotations
 
 import json
@@ -54,7 +58,7 @@ class Server:
 
     def __init__(self, model, tokenizer, live: ExperimentConfig, batch_size: int, root=None):
         self.model, self.tokenizer, self.batch_size, self.root = model, tokenizer, batch_size, root
-        self.layout = side_layout(live.tasks) if live.side_inputs else {}
+        self.layout = side_layout(live.tasks, live.side_inputs == "zeroed") if live.side_inputs else {}
 
     def side(self, task: str, items: list[dict]) -> list[tuple] | None:
         return side_vectors(task, items, self.layout, self.root) if self.layout else None
@@ -102,7 +106,9 @@ class Simulation:
         self.learner = Learner(server.model, server.tokenizer, self.c, guarded=system == "shadow",
                                max_length=config.training.max_length) if system != "frozen" else None
         self.live, self.history = dict(live0), [0]  # versions promoted, newest last: live is history[-1]
-        self.checks, self.since_check, self.canary_cache = 0, 0, {}
+        self.checks, self.since_check = 0, 0
+        self.canary_cache, self.watch_cache = {}, {}  # {version: scores}: a version's weights never change
+        self.version0 = {}  # {request index: reply} of version 0 (the frozen system's), reused while live is version 0
         self.delta = planned_delta(self.c.delta, self.c.max_checks)
 
     @property
@@ -145,6 +151,8 @@ class Simulation:
             self.learner.set_anchor(self.live)
             store.save_version(self.folder / "versions", 0, self.live)
         past = store.items(self.db, self.key, self.system)
+        if self.system != "frozen":
+            self.version0 = {r["idx"]: r["prediction"] for r in store.items(self.db, self.key, "frozen")}
         monitor, _ = Monitor.replay(self.thresholds, [r["observed"] for r in past if r["observed"] is not None])
         replies = {r["idx"]: r["prediction"] for r in past}
         bar = tqdm(range(start, len(self.requests), self.c.batch), desc=f"online {self.system}", unit="step",
@@ -171,10 +179,13 @@ class Simulation:
     def _step(self, t: int, monitor: Monitor, replies: dict[int, str]) -> tuple[list[dict], list[dict]]:
         batch = self.requests[t:t + self.c.batch]
         own = snapshot(self.learner.params) if self.learner else None  # the shadow's weights while live serves
-        self._use(self.live)
-        texts = self.server.replies([(r.task, r.item) for r in batch])
-        if own is not None:
-            self._use(own)
+        if self.version == 0 and all(r.index in self.version0 for r in batch):
+            texts = [self.version0[r.index] for r in batch]  # the same weights on the same batch: the same replies
+        else:
+            self._use(self.live)
+            texts = self.server.replies([(r.task, r.item) for r in batch])
+            if own is not None:
+                self._use(own)
         rows = [{"idx": r.index, "phase": r.phase, "task": r.task, "item_id": str(r.item.get("id", "")),
                  "version": self.version, "score": part_score(r.task, x, r.item), "prediction": x}
                 for r, x in zip(batch, texts)]
@@ -215,19 +226,20 @@ class Simulation:
             events += self._check(idx)
         return events
 
-    def _canary_scores(self, weights: dict, version: int | None) -> dict[str, list[float]]:
-        if version is not None and version in self.canary_cache:
-            return self.canary_cache[version]
+    def _scores(self, cache: dict, items: dict, weights: dict, version: int | None) -> dict[str, list[float]]:
+        """Scores of `weights` on a held-out set, cached by version (None: the shadow's, never cached)."""
+        if version is not None and version in cache:
+            return cache[version]
         self._use(weights)
-        scores = self.server.scores(self.canary)
+        scores = self.server.scores(items)
         if version is not None:
-            self.canary_cache = {version: scores}
+            cache[version] = scores
         return scores
 
     def _check(self, idx: int) -> list[dict]:
         shadow = snapshot(self.learner.params)
-        live_scores = self._canary_scores(self.live, self.version)
-        shadow_scores = self._canary_scores(shadow, None)
+        live_scores = self._scores(self.canary_cache, self.canary, self.live, self.version)
+        shadow_scores = self._scores(self.canary_cache, self.canary, shadow, None)
         self._use(shadow)
         result = canary_test(live_scores, shadow_scores, self.delta, seed=self.checks)
         self.checks, self.since_check = self.checks + 1, 0
@@ -236,7 +248,7 @@ class Simulation:
             self.history = self.history + [self._next_version()]
             self.live = shadow
             store.save_version(self.folder / "versions", self.version, shadow)
-            self.canary_cache = {self.version: shadow_scores}
+            self.canary_cache[self.version] = shadow_scores
             self.learner.set_anchor(self.live)
             events.append({"idx": idx, "kind": "promote", "version": self.version, "previous": self.history[-2],
                            "improvement": result.improvement, "lower": result.lower})
@@ -250,17 +262,14 @@ class Simulation:
         """After a promotion, a downward alarm: live vs its predecessor on the watch set; a drop rolls back."""
         previous = store.load_version(self.folder / "versions", self.history[-2])
         own = snapshot(self.learner.params)
-        self._use(previous)
-        before = self.server.scores(self.watch)
-        self._use(self.live)
-        after = self.server.scores(self.watch)
+        before = self._scores(self.watch_cache, self.watch, previous, self.history[-2])
+        after = self._scores(self.watch_cache, self.watch, self.live, self.version)
         self._use(own)
         result = regression_test(before, after, self.delta, seed=10_000 + self.version)
         events = [{"idx": idx, "kind": "watch", "version": self.version, "previous": self.history[-2], **result.to_dict()}]
         if result.rollback:
             events.append({"idx": idx, "kind": "rollback", "from": self.version, "to": self.history[-2]})
             self.live, self.history = previous, self.history[:-1]
-            self.canary_cache = {}
             self._reset()
         return events
 
