@@ -14,7 +14,7 @@ def _items(split: str, images: list[tuple[int, str, str]]) -> list[dict]:
     """Three questions per image (shape, colour, yes/no), as bem.data.vqa writes them."""
     out = []
     for row, shape, colour in images:
-        for question, answer in ((f"What shape is in the image?", shape), (f"What colour is the {shape}?", colour),
+        for question, answer in (("What shape is in the image?", shape), (f"What colour is the {shape}?", colour),
                                  (f"Is there a {colour} shape?", "yes" if colour == "red" else "no")):
             out.append({"id": f"{split}/{len(out)}", "image": f"{split}/{row}", "image_sha": f"{split}{row:014d}",
                         "feature_row": row, "question": question, "answer": answer})
@@ -130,6 +130,7 @@ def test_mm_experiments_end_to_end(setup, monkeypatch, tmp_path):
 
     report = write_report(out).read_text()
     assert "## Image swap (easy_vqa)" in report and "## Index swap" not in report
+    assert "Wall clock of the job:" in report
     assert "mm/majority" in report and "mm/zero_shot" in report
     units = sqlite3.connect(out / "results.sqlite").execute("SELECT COUNT(*) FROM units").fetchone()[0]
     assert _run(setup, monkeypatch, out) == 0  # a rerun finds everything done, the text baselines included

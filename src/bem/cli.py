@@ -266,9 +266,9 @@ RATIO_METRICS = ("prefill_p50_ms", "decode_p50_ms", "decode_p95_ms", "peak_memor
 
 def profile_ratios(results, configs) -> list[tuple]:
     """(experiment, config_hash, versus, metric, ratio, device): each experiment over the base model and over
-    its anchor (and static LoRA), all measured in this one process."""
+    its anchor (and its static LoRA, `baseline`), all measured in this one process."""
     by_name = {p.name: p for p in results}
-    anchors = {c.name: [c.anchor or c.parity_with, "L0_lora"] for c in configs}
+    anchors = {c.name: [c.anchor or c.parity_with, c.baseline or "L0_lora"] for c in configs}
     rows = []
     for p in results[1:]:
         for versus in dict.fromkeys(["base"] + anchors.get(p.name, [])):

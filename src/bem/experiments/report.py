@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bem.errors import BEMError  # noqa: E402
 from bem.experiments.analysis import BASELINE, MIN_ITEMS, analyze  # noqa: E402
-from bem.experiments.results import open_for_analysis  # noqa: E402
+from bem.experiments.results import open_for_analysis, wall_clock, wall_clock_lines  # noqa: E402
 
 PNG_META = {"Software": None}  # no version stamp: the same database gives the same bytes
 
@@ -299,6 +299,7 @@ def write_report(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = 
              "Commands that wrote units into this folder (a preset or `--quick` says how small the budgets were):", ""]
     lines += [f"- `{command}`" for (command,) in conn.execute(
         "SELECT DISTINCT r.command FROM runs r JOIN units u ON u.run_id = r.id ORDER BY r.id")]
+    lines += wall_clock_lines(wall_clock(conn))
     modules = {name: u for name, u in result["units"].items() if "bem" in u["config"]}  # not the text baselines
     lines += _budget_lines(modules) + _text_baseline_lines(result["units"]) + _profile_lines(conn)
     lines += ["", "## Units", "",

@@ -430,3 +430,21 @@ def _alive(pid: int, host: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def wall_clock(conn) -> list[tuple[int, float, int]]:
+    """(run id, seconds from the run's start to its last committed unit, units committed) for every `bem run` of the
+    folder that committed a unit: the wall clock of the whole job, work that stores no unit of its own included."""
+    return [(run, last - started, n) for run, started, last, n in conn.execute(
+        "SELECT r.id, r.started, MAX(u.finished), COUNT(u.id) FROM runs r JOIN units u ON u.run_id = r.id "
+        "GROUP BY r.id ORDER BY r.id")]
+
+
+def wall_clock_lines(wall: list[tuple[int, float, int]]) -> list[str]:
+    """The report's sentence on the job's wall clock (see wall_clock); none for a folder without runs."""
+    if not wall:
+        return []
+    total = sum(seconds for _, seconds, _ in wall)
+    return ["", f"Wall clock of the job: {total / 60:.0f} min over {len(wall)} `bem run` invocation(s) (each from its "
+            "start to its last committed unit, on the machine that ran it; time lost to a killed run is not "
+            "included): " + "; ".join(f"run {run}: {seconds / 60:.0f} min, {n} units" for run, seconds, n in wall) + "."]

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bem.experiments.results import open_for_analysis  # noqa: E402
+from bem.experiments.results import open_for_analysis, wall_clock, wall_clock_lines  # noqa: E402
 from bem.stats import benjamini_hochberg, paired_bca, permutation_pvalue  # noqa: E402
 
 PNG_META = {"Software": None}
@@ -71,7 +71,7 @@ def analyze(run_dir: Path, n_resamples: int = 10_000) -> dict:
         for experiment, metric, value in conn.execute("SELECT experiment, metric, value FROM profiles WHERE "
                                                       "experiment LIKE 'router_cost:%'"):
             costs.setdefault(experiment.split(":", 1)[1], {})[metric] = value
-        wall = wall_clock(conn)
+        wall = wall_clock(conn)  # the bank, the oracle traces and the costs included
     finally:
         conn.close()
     if "router/best_single" not in scores:
@@ -100,13 +100,6 @@ def analyze(run_dir: Path, n_resamples: int = 10_000) -> dict:
     return {"rows": rows, "verdicts": verdicts, "units": units, "curves": curves, "profiles": profiles,
             "claims": claims, "wall": wall}
 
-
-def wall_clock(conn) -> list[tuple[int, float, int]]:
-    """(run id, seconds from the run's start to its last committed unit, units committed) for every `bem run` of the
-    folder that committed a unit: the wall clock of the whole job, bank, oracle traces and costs included."""
-    return [(run, last - started, n) for run, started, last, n in conn.execute(
-        "SELECT r.id, r.started, MAX(u.finished), COUNT(u.id) FROM runs r JOIN units u ON u.run_id = r.id "
-        "GROUP BY r.id ORDER BY r.id")]
 
 
 CLAIM = 0.015
@@ -298,13 +291,7 @@ def write_report(run_dir: Path, n_resamples: int = 10_000, to: Path | None = Non
               f"{config['bem']['chunk_size']} tokens.", ""]
     lines += ["Seconds per system (training, evaluation) as stored by the run:", ""]
     lines += [f"- `{name}`: {u['train_seconds']:.0f} s, {u['eval_seconds']:.0f} s" for name, u in result["units"].items()]
-    wall = result.get("wall") or []
-    if wall:
-        total = sum(seconds for _, seconds, _ in wall)
-        lines += ["", f"Wall clock of the job: {total / 60:.0f} min over {len(wall)} `bem run` invocation(s) "
-                  "(each from its start to its last committed unit; the bank, the oracle traces and the costs "
-                  "included; time lost to a killed run not included): "
-                  + "; ".join(f"run {run}: {seconds / 60:.0f} min, {n} units" for run, seconds, n in wall) + "."]
+    lines += wall_clock_lines(result.get("wall") or [])
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
 
