@@ -150,6 +150,30 @@ def cmd_experts_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_safety_curve(args: argparse.Namespace) -> int:
+    from bem.data.prepare import prepare
+    from bem.experiments.config import load_experiment
+    from bem.experiments.report import write_report
+    from bem.experiments.runner import run
+    from bem.safety import curve, curve_lines
+
+    overlay = _overlay(args)
+    config = load_experiment(args.experiment, overlay=overlay)
+    if config.safety is None:
+        raise BEMError(f"--experiment {args.experiment!r} has no safety: section; expected a safety experiment "
+                       "(e.g. vc_safety)")
+    prepare(config.tasks)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BEMError(f"--out {out} is a file; expected a run folder")
+    start = time.perf_counter()
+    run([args.experiment], out, command=" ".join(["bem"] + sys.argv[1:]), overlay=overlay)
+    print("\n".join(curve_lines(curve(out / "results.sqlite"))))
+    report = write_report(out)
+    print(f"results in {out / 'results.sqlite'}, report {report} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
 def cmd_online_simulate(args: argparse.Namespace) -> int:
     from bem.data.prepare import prepare
     from bem.experiments.config import load_experiment
@@ -491,6 +515,16 @@ def _main(argv: list[str]) -> int:
     rb.add_argument("--quick", action="store_true")
     rb.add_argument("--seed", type=int, default=0)
     rb.set_defaults(func=cmd_online_rollback)
+    safety = sub.add_parser("safety", help="the safety basis (SPEC §5, VC)").add_subparsers(dest="safety_command",
+                                                                                      required=True)
+    cur = safety.add_parser("curve", help="train the skill unit and the safety block if missing, evaluate every knob "
+                            "value λ on the safety and wordnet_qa test items (resumable), print the curve, write the "
+                            "report")
+    cur.add_argument("--experiment", default="vc_safety", help="a safety experiment (default: vc_safety)")
+    cur.add_argument("--preset", default=None, help="overlay experiments/_PRESET.yaml (e.g. safety_cpu)")
+    cur.add_argument("--quick", action="store_true", help="the quick overlay (experiments/_quick.yaml)")
+    cur.add_argument("--out", default="runs/safety", help="run folder (default: runs/safety)")
+    cur.set_defaults(func=cmd_safety_curve)
     args = parser.parse_args(argv)
     if getattr(args, "out", None) is not None and args.command == "run" and Path(args.out).exists() \
             and not Path(args.out).is_dir():

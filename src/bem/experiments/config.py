@@ -96,6 +96,13 @@ LIMITS: dict[str, Limit] = {
     "online.phases[].weights": Limit(0, 1e6, "mixture weight of a task", low_open=True, null="equal weights"),
     "online.phases[].feedback": Limit(0, 1, "fraction of requests with feedback"),
     "online.phases[].noise": Limit(0, 1, "fraction of a reference's words replaced"),
+    "safety.block_rank": Limit(1, 4096, "directions of the safety block at every site"),
+    "safety.k": Limit(1, 64, "replies sampled per safety train prompt (best-of-k targets)"),
+    "safety.prompts": Limit(1, 1_000_000, "safety train prompts given targets", null="all of the train split"),
+    "safety.guard_items": Limit(0, 1_000_000, "wordnet_qa train items trained with the block on (the guard)"),
+    "safety.temperature": Limit(0, 10, "sampling temperature of the best-of-k replies", low_open=True),
+    "safety.top_p": Limit(0, 1, "nucleus of the best-of-k sampling", low_open=True),
+    "safety.knobs": Limit(0, 100, "a value of the knob λ the curve measures"),
     **{f"bem.{name}": limit._replace(high=f"bem.{limit.high}") if isinstance(limit.high, str) else limit
        for name, limit in BEM_LIMITS.items()},
 }
@@ -112,6 +119,8 @@ RULES: dict[str, str] = {
     "seeds": f"a list of 1..{MAX_SEEDS} distinct integers, each in {LIMITS['seeds'].interval()}",
     "anchor": "null (this is a baseline) or the name of another experiment of the same folder",
     "parity_with": "null (the anchor) or the name of another experiment of the same folder",
+    "safety.skill": "an experiment beside this file or a .yaml path: a static LoRA of rank bem.rank − "
+                    "safety.block_rank on the same sites, with the same alpha / rank",
     "side_inputs": "true, false, or zeroed (the controller's side-input width kept, zeros fed)",
     "baseline": "null (L0_lora) or the name of the static-LoRA experiment of the same folder that every verdict is "
                 "also drawn against",
@@ -303,6 +312,29 @@ class OnlineConfig:
 
 
 @dataclass
+class SafetyConfig:
+    """The safety basis (SPEC §5, VC): a block of `block_rank` directions added after the skill unit's, kept orthogonal
+    to them, trained towards best-of-k safe replies with the wordnet_qa guard; the knob λ scales it (bem.safety)."""
+
+    skill: str = "vc_skill"
+    """The experiment whose trained unit gives the skill block (a static LoRA; trained in the run folder first)."""
+    block_rank: int = 8
+    """r_s: the safety block's directions per site; bem.rank must be the skill's rank + r_s."""
+    k: int = 4
+    """Replies sampled from the base model per safety train prompt; the least violating is the target."""
+    prompts: int | None = None
+    """Safety train prompts given a target (null: all of the split)."""
+    guard_items: int = 400
+    """wordnet_qa train items trained with the block on, so benign behaviour is kept (the guard)."""
+    temperature: float = 1.0
+    """Sampling temperature of the best-of-k replies."""
+    top_p: float = 0.95
+    """Nucleus of the best-of-k sampling."""
+    knobs: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0])
+    """The knob values the curve measures (λ = 0 is the skill unit alone, the reference of every comparison)."""
+
+
+@dataclass
 class ExperimentConfig:
     name: str
     """Unique name; the file name without .yaml."""
@@ -334,6 +366,8 @@ class ExperimentConfig:
     """The agentic router over an expert bank (experiments ar0_bc, ar1_pg); null: a module variant."""
     online: OnlineConfig | None = None
     """Online shadow mode over a stream (experiment ol_shadow, `bem online simulate`); null: not an online run."""
+    safety: SafetyConfig | None = None
+    """The safety basis and its knob (experiment vc_safety, `bem safety curve`); null: no safety block."""
     source: str = field(default="", compare=False, repr=False)
     preset: str | None = field(default=None, compare=False, repr=False)
     """The preset overlay the config was loaded with (`_quick`, `_cpu`, ...), for experiments that load others."""
@@ -355,7 +389,7 @@ class ExperimentConfig:
         d.pop("description")
         d.pop("seeds")
         d.pop("baseline")  # which experiment verdicts are also drawn against changes no result
-        for section in ("router", "online"):  # added after results were stored
+        for section in ("router", "online", "safety"):  # added after results were stored
             if d[section] is None:
                 d.pop(section)
         for section in ("training", "evaluation"):  # a config built in code may still say auto
@@ -602,7 +636,7 @@ def _load(name_or_path: str | Path, directory: Path, overlay: str | None, parity
             raise ConfigError(f"{path}: unknown preset {overlay!r}; expected one of {['_' + p for p in presets]} "
                               f"(the files _NAME.yaml of {path.parent} except _defaults.yaml)")
         preset = _raw(path.parent / f"{overlay}.yaml")
-        for section in ("router", "online"):  # a preset's router: / online: sizes those experiments only
+        for section in ("router", "online", "safety"):  # a preset's router: / online: / safety: sizes those only
             if section not in data:
                 preset.pop(section, None)
         data = _merge(data, preset)
@@ -715,6 +749,8 @@ def _check_bank(config: ExperimentConfig, source: str) -> None:
         return
     if config.online is not None:
         _check_online(config, source)
+    if config.safety is not None:
+        _check_safety(config, source)
     if experts == 1:
         return
     if controller != "static" and config.training.init_bank is None:
@@ -783,6 +819,25 @@ def _check_online(config: ExperimentConfig, source: str) -> None:
     _check_named(source, "online.live", c.live, Path(source.split(" (preset ")[0]).parent)
 
 
+def _check_safety(config: ExperimentConfig, source: str) -> None:
+    """The safety basis: a static site of the skill's rank + the block, on the safety prompts and the wordnet_qa guard."""
+    c, bem = config.safety, config.bem
+    rules = [("bem.controller", bem.controller, bem.controller == "static", "'static' (the knob is the code's mask)"),
+             ("bem.experts", bem.experts, bem.experts == 1, "1 (the blocks are the skill's and the safety block)"),
+             ("bem.rank", bem.rank, bem.rank > c.block_rank, f"> safety.block_rank = {c.block_rank} (skill + block)"),
+             ("tasks", config.tasks, config.tasks == ["safety", "wordnet_qa"], "['safety', 'wordnet_qa'] (the block's "
+              "prompts, then the guard)"),
+             ("safety.knobs", c.knobs, 0.0 in c.knobs and len(set(c.knobs)) == len(c.knobs),
+              "distinct values including 0.0 (the reference of the curve)")]
+    rules += [(f"bem.{name}", getattr(bem, name), not getattr(bem, name), "off (plain sites: the blocks are columns)")
+              for name in ("head_groups", "dynamic_rank", "film", "kron_sites")]
+    for field_name, value, ok, allowed in rules:
+        if not ok:
+            raise ConfigError(f"{source}: {field_name} = {value!r} is not allowed with a safety: section; expected "
+                              f"{allowed}")
+    _check_named(source, "safety.skill", c.skill, Path(source.split(" (preset ")[0]).parent)
+
+
 def _check_named(source: str, field_name: str, name: str, directory: Path) -> None:
     """A field that names another experiment (a name beside this file, or a .yaml path): that file must exist."""
     path = Path(name) if name.endswith(".yaml") else directory / f"{name}.yaml"
@@ -802,7 +857,8 @@ def list_presets(directory: Path = EXPERIMENTS_DIR) -> list[str]:
 
 # --- docs/configuration.md ------------------------------------------------------------------------
 SECTIONS = (("", ExperimentConfig), ("bem", BEMConfig), ("training", TrainingConfig), ("evaluation", EvalConfig),
-            ("gates", Gates), ("router", RouterConfig), ("online", OnlineConfig), ("online.phases[]", Phase))
+            ("gates", Gates), ("router", RouterConfig), ("online", OnlineConfig), ("online.phases[]", Phase),
+            ("safety", SafetyConfig))
 """The mappings of an experiment file, in the order docs/configuration.md lists them."""
 
 _INTRO = """# Configuration reference

@@ -64,6 +64,10 @@ def swap_conditions(config: ExperimentConfig, seed: int | None = None) -> list[t
     inputs read its features too), so every such unit gets them. The variants exist for the test split only."""
     if config.evaluation.split != "test" or config.router is not None:  # a router is scored on its own episodes
         return []
+    if config.safety is not None:  # the safety block: its knob curve (bem.safety), no index swap
+        from bem.safety import knob_conditions
+
+        return knob_conditions(config)
     limit = config.evaluation.swap_seeds
     if seed is not None and limit is not None and seed not in config.seeds[:limit]:
         return []  # evaluation.swap_seeds: only the experiment's first seeds get the conditions
@@ -80,13 +84,19 @@ def evaluate_conditions(db: ResultsDB, unit_id: int, model, tokenizer, config: E
                         todo: list[tuple[str, str]], data_root: Path | None = None) -> None:
     """Evaluate a finished unit's model under each (task, condition) and commit each one on its own, so that a
     crash keeps what was done and a rerun evaluates only the rest."""
+    from bem.safety import knob_mask, knob_of
+
     masks = bank_masks(config.bem, config.tasks)
     for task, condition in todo:
         start = time.perf_counter()
+        lam, mask, clean = knob_of(condition), masks.get(task), condition
+        if lam is not None:  # the safety block scaled by λ, the text as it is
+            rs = config.safety.block_rank
+            mask, clean = knob_mask(config.bem.rank - rs, rs, lam)[0], "clean"
         with inference_precision(model, resolve(config.evaluation.precision)):
             rows, summary = evaluate_task(model, tokenizer, task, config.evaluation.items, config.evaluation.split,
-                                          config.evaluation.batch_size, data_root, _layout(config), condition=condition,
-                                          mask=masks.get(task))
+                                          config.evaluation.batch_size, data_root, _layout(config), condition=clean,
+                                          mask=mask)
         db.write_condition(unit_id, condition, rows)
         log.info("%s unit %d: %s %s evaluated in %.0f s (%s)", config.name, unit_id, task, condition,
                  time.perf_counter() - start, summary["means"])
@@ -156,9 +166,14 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
     data = data if data is not None else unit_data(config, data_root, verify=True)
     name = unit_name(config, seed, data_root)
     checkpoint = out / "checkpoints" / name
+    hooks = None
+    if config.safety is not None:  # the skill unit first, then the best-of-k targets (bem.safety)
+        from bem.safety import safety_hooks
+
+        hooks = safety_hooks(db, run_id, config, seed, out, data_root)
     start = time.perf_counter()
     unit = train_unit(config, seed, checkpoint, data_root, identity={"config_hash": config.config_hash(), "data": data},
-                      init=_bank_init(db, run_id, config, seed, out, data_root))
+                      init=_bank_init(db, run_id, config, seed, out, data_root), hooks=hooks)
     train_seconds = time.perf_counter() - start
     if not unit.is_main:  # under DDP only the main process evaluates and writes
         return -1
@@ -173,7 +188,16 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
             by_task[task] = r
             summaries.append(s)
     eval_seconds = time.perf_counter() - start
-    save_bem(unit.model, out / "adapters" / name)
+    extra = None
+    if config.safety is not None:  # how orthogonal the blocks are, and what a loaded adapter needs to know
+        from bem.safety import orthogonality
+
+        rk = config.bem.rank - config.safety.block_rank
+        summaries.append({"task": "orthogonality", "means": orthogonality(unit.model, rk), "corpus": {}, "n": 1,
+                          "seconds": 0.0})
+        extra = {"safety": {"skill": config.safety.skill, "skill_rank": rk, "block_rank": config.safety.block_rank,
+                            "knob": 1.0}}
+    save_bem(unit.model, out / "adapters" / name, extra=extra)
     unit_id = db.write_unit(run_id, config.name, config.config_hash(), config.to_dict(), seed, rows, summaries,
                             unit.curve, train_seconds, eval_seconds, data)
     shutil.rmtree(checkpoint, ignore_errors=True)  # the unit is committed; its adapter is kept

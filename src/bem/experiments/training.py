@@ -387,14 +387,16 @@ def build_optimizer(model: torch.nn.Module, tc: TrainingConfig) -> torch.optim.A
 
 def train_unit(config: ExperimentConfig, seed: int, checkpoint_dir: Path, data_root: Path | None = None,
                stop_after: int | None = None, identity: dict | None = None,
-               init: dict[str, torch.Tensor] | None = None) -> TrainedUnit:
+               init: dict[str, torch.Tensor] | None = None, hooks=None) -> TrainedUnit:
     """Train the experiment's modules for one seed; resume from the newest complete checkpoint in `checkpoint_dir`.
 
     `identity` (JSON-able, e.g. the config hash and data build) is stored in every checkpoint's manifest; resuming
     from a checkpoint of another identity is a CheckpointError. A damaged newest checkpoint is a CheckpointError
     too (never a silent fallback). `stop_after` ends the loop early (after saving a checkpoint) — used to test
     resumption. `init` (site tensors by `bem_state_dict` name, `training.init_bank`): the sites start from them and
-    stay frozen, so only the controller trains.
+    stay frozen, so only the controller trains. `hooks` (bem.safety.SafetyHooks): its `examples` replace the
+    config's, `prepare(model)` runs once after the sites are attached (and after a resume), `after_step(model)` after
+    every optimizer step.
     """
     from accelerate import Accelerator
 
@@ -427,8 +429,11 @@ def train_unit(config: ExperimentConfig, seed: int, checkpoint_dir: Path, data_r
     if resumed is not None:
         start, curve = resumed
         log.info("%s seed %d: resumed from step %d", config.name, seed, start)
+    if hooks is not None:
+        hooks.prepare(accelerator.unwrap_model(model))
     # a unit resumed at its last step trains no more and needs no data
-    examples = training_examples(config, data_root) if start < tc.steps else []
+    examples = ((hooks.examples() if hooks is not None else training_examples(config, data_root))
+                if start < tc.steps else [])
     if not examples and start < tc.steps:
         raise ValueError(f"{config.source}: no task of {config.tasks} has training targets")
     rows = encode_cached(tokenizer, examples, tc.max_length)
@@ -454,6 +459,8 @@ def train_unit(config: ExperimentConfig, seed: int, checkpoint_dir: Path, data_r
                 optimizer.step()
                 scheduler.step()  # the prepared scheduler only advances when gradients sync
                 optimizer.zero_grad()
+                if hooks is not None and accelerator.sync_gradients:
+                    hooks.after_step(accelerator.unwrap_model(model))
             losses.append(loss.item())
         curve.append({"step": step + 1, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm) if grad_norm is not None else math.nan})

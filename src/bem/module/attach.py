@@ -403,8 +403,9 @@ def _finish_replacement(directory: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def save_bem(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the BEM tensors (safetensors) and a JSON config with their sha256 into the folder `directory`.
+def save_bem(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write the BEM tensors (safetensors) and a JSON config with their sha256 into the folder `directory`; `extra`
+    (JSON) is kept beside the config under "extra" (the safety block's layout and knob: bem.safety).
 
     Atomic: both files are written and flushed in a new sibling folder, which then takes the folder's name (an old
     folder is moved aside first and removed after). A kill at any moment leaves the old folder or the new one (or,
@@ -430,7 +431,7 @@ def save_bem(model: nn.Module, directory: str | os.PathLike) -> Path:
         _fsync(tmp / WEIGHTS_FILE)
         _crash_point("adapter.weights")
         meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "base": _fingerprint(model),
-                "weights_sha256": _sha256(tmp / WEIGHTS_FILE)}
+                "weights_sha256": _sha256(tmp / WEIGHTS_FILE), **({"extra": extra} if extra else {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         _fsync(tmp / CONFIG_FILE)
         _fsync(tmp)
