@@ -2,6 +2,7 @@
 best-of-k targets, the block trained beside the frozen skill block and projected out of its span, the knob curve
 stored as conditions, the report section, the saved artifact."""
 import json
+import shutil
 import sqlite3
 
 import pytest
@@ -97,6 +98,16 @@ def test_safety_curve_end_to_end(setup, monkeypatch, tmp_path, capsys):
     units = sqlite3.connect(out / "results.sqlite").execute("SELECT COUNT(*) FROM units").fetchone()[0]
     assert _curve(setup, monkeypatch, out) == 0  # a rerun finds everything done
     assert sqlite3.connect(out / "results.sqlite").execute("SELECT COUNT(*) FROM units").fetchone()[0] == units
+
+    # a lost adapter is trained again with the same hooks: the same weights, the same recorded knob
+    from bem.experiments.adapters import load_trained
+    from bem.experiments.config import load_experiment
+
+    shutil.rmtree(adapters["tvc"])
+    load_trained(load_experiment(str(setup / "experiments" / "tvc.yaml")), 0, out, setup / "data")
+    restored = load_file(adapters["tvc"] / "bem_weights.safetensors")
+    assert restored.keys() == vc.keys() and all(torch.allclose(restored[k], vc[k], atol=1e-6) for k in vc)
+    assert saved_knob(adapters["tvc"])["knob"] == 1.0
 
 
 def test_a_block_that_does_not_fit_the_skill_unit_is_refused(setup):

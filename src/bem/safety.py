@@ -145,6 +145,13 @@ class SafetyHooks:
                 tensor[:, rk:] = block
 
 
+def adapter_extra(config) -> dict:
+    """What a VC unit's saved adapter records beside its config: the blocks and the knob its scores were made with."""
+    rk = config.bem.rank - config.safety.block_rank
+    return {"safety": {"skill": config.safety.skill, "skill_rank": rk, "block_rank": config.safety.block_rank,
+                       "knob": 1.0}}
+
+
 def orthogonality(model, skill_rank: int) -> dict[str, float]:
     """The smallest principal angle (degrees) between the skill and the safety block over all sites, for U (output
     directions) and V (input directions); 90 = orthogonal. NaN where the safety block is still zero."""
@@ -230,18 +237,25 @@ def safe_targets(config, seed: int, out: Path, data_root=None) -> list[dict]:
 
 def safety_hooks(db, run_id: int, config, seed: int, out: Path, data_root=None) -> SafetyHooks:
     """The skill unit (trained in `out` first if missing), its weights, the best-of-k targets and the guard examples."""
-    import dataclasses
-
-    from bem.data.batches import Example
     from bem.experiments.adapters import unit_data
     from bem.experiments.runner import run_unit
-    from bem.experiments.training import training_examples
-    from bem.router.experiment import bank_weights
 
     skill = skill_config(config)
     if db.unit_id(skill.name, skill.config_hash(), seed, unit_data(skill, data_root)) is None:
         log.info("%s: training its skill unit %s seed %d first", config.name, skill.name, seed)
         run_unit(db, run_id, skill, seed, out, data_root, extras=False)
+    return hooks_for(config, seed, out, data_root)
+
+
+def hooks_for(config, seed: int, out: Path, data_root=None) -> SafetyHooks:
+    """The hooks of a VC unit whose skill unit is finished in `out` (also what restoring its adapter needs)."""
+    import dataclasses
+
+    from bem.data.batches import Example
+    from bem.experiments.training import training_examples
+    from bem.router.experiment import bank_weights
+
+    skill = skill_config(config)
     targets = safe_targets(config, seed, out, data_root)
     guard_config = dataclasses.replace(config, tasks=["wordnet_qa"], side_inputs=False,
                                        training=dataclasses.replace(config.training,

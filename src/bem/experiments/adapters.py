@@ -72,7 +72,12 @@ def restore_adapter(config: ExperimentConfig, seed: int, out: Path, data_root: P
                                 f"run `bem run --out {out}` to train it")
     scratch = out / "checkpoints" / f"restore-{unit_name(config, seed, data_root)}"
     log.info("%s seed %d: adapter not in %s, training it again to restore it", config.name, seed, out / "adapters")
-    unit = train_unit(config, seed, scratch, data_root)
+    hooks = extra = None
+    if config.safety is not None:  # the safety block trains beside its skill unit, on its cached targets
+        from bem.safety import adapter_extra, hooks_for
+
+        hooks, extra = hooks_for(config, seed, out, data_root), adapter_extra(config)
+    unit = train_unit(config, seed, scratch, data_root, hooks=hooks)
     got = [(row["step"], row["loss"]) for row in unit.curve]
     if [s for s, _ in got] != [s for s, _ in curve]:
         raise AdapterMismatch(f"{unit_name(config, seed, data_root)}: the restored run has steps {len(got)} but the stored "
@@ -84,7 +89,7 @@ def restore_adapter(config: ExperimentConfig, seed: int, out: Path, data_root: P
                               "one that was scored, so it is not saved")
     log.info("%s seed %d: restored, curve equal to the stored one within %.1e", config.name, seed, worst)
     target = adapter_dir(out, config, seed, data_root)
-    save_bem(unit.model, target)
+    save_bem(unit.model, target, extra=extra)
     shutil.rmtree(scratch, ignore_errors=True)
     return target
 

@@ -190,13 +190,12 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
     eval_seconds = time.perf_counter() - start
     extra = None
     if config.safety is not None:  # how orthogonal the blocks are, and what a loaded adapter needs to know
-        from bem.safety import orthogonality
+        from bem.safety import adapter_extra, orthogonality
 
         rk = config.bem.rank - config.safety.block_rank
         summaries.append({"task": "orthogonality", "means": orthogonality(unit.model, rk), "corpus": {}, "n": 1,
                           "seconds": 0.0})
-        extra = {"safety": {"skill": config.safety.skill, "skill_rank": rk, "block_rank": config.safety.block_rank,
-                            "knob": 1.0}}
+        extra = adapter_extra(config)
     save_bem(unit.model, out / "adapters" / name, extra=extra)
     unit_id = db.write_unit(run_id, config.name, config.config_hash(), config.to_dict(), seed, rows, summaries,
                             unit.curve, train_seconds, eval_seconds, data)
