@@ -37,7 +37,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         prepare(tasks)  # idempotent: builds only what is missing
     out = Path(args.out or ("runs/quick" if args.quick else "runs/main"))
     start = time.perf_counter()
-    units = run(names, out, quick=args.quick, seeds=args.seeds, command=" ".join(["bem"] + sys.argv[1:]), overlay=overlay)
+    units = run(names, out, quick=args.quick, seeds=args.seeds, command=" ".join(["bem"] + sys.argv[1:]), overlay=overlay,
+                executor=args.executor, workers=args.workers)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under DDP, rank 0 reports
     for name, seed, status in units:
@@ -428,6 +429,10 @@ def _main(argv: list[str]) -> int:
     run.add_argument("--experiments", nargs="+", default=None, help="experiment names (default: all, or the quick pair)")
     run.add_argument("--seeds", type=_positive, default=None, help="number of seeds 0..N-1 (default: each experiment's own)")
     run.add_argument("--out", default=None, help="run folder (default: runs/quick with --quick, else runs/main)")
+    run.add_argument("--executor", default="local", choices=["local", "submitit"],
+                     help="local: every unit in this process (default); submitit: units that need no other unit run "
+                     "as jobs (SLURM where sbatch exists, else local processes), results written here only")
+    run.add_argument("--workers", type=_positive, default=2, help="jobs at once with --executor submitit (default 2)")
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="experiments with added parameters, FLOPs per token and parity vs the anchor")
     lst.add_argument("--json", action="store_true")

@@ -209,13 +209,16 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
 
 def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = None, data_root: Path | None = None,
         directory: Path = EXPERIMENTS_DIR, command: str = "bem run", overlay: str | None = None,
-        seed: int | None = None) -> list[tuple[str, int, str]]:
+        seed: int | None = None, executor: str = "local", workers: int = 2) -> list[tuple[str, int, str]]:
     """Run every unfinished (experiment, seed) unit, seed by seed so that an interrupted run holds every
     experiment at its first seeds; returns (experiment, seed, 'done'|'skipped'|'backfilled'|'busy: ...'). A finished
     unit that lacks index-swap conditions (see swap_conditions) or routing statistics gets only those: 'backfilled'.
     A unit is identified by its config hash and the data build of its tasks: against a rebuilt suite every unit is
     new. A unit another process is working on (its lease, see ResultsDB.claim) is left to it: 'busy'. `seed`: run only
-    that seed of each experiment (`bem experts train --seed`)."""
+    that seed of each experiment (`bem experts train --seed`). `executor="submitit"`: fresh units that need no other
+    unit run as submitit jobs, at most `workers` at once (bem.experiments.executor); the rest run here."""
+    if executor not in ("local", "submitit"):
+        raise ConfigError(f"--executor {executor!r} is not allowed; expected 'local' or 'submitit'")
     configs = load_configs(names, quick, seeds, directory, overlay)
     if seed is not None:
         for c in configs:
@@ -225,7 +228,7 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
     db = ResultsDB(out / "results.sqlite")
     try:
         run_id = db.start_run(command, quick) if main_process else 0
-        done = []
+        done, jobs = [], []  # jobs: (config, seed, data) of units submitted to the executor, leases held
         units = sorted(((c, s) for c in configs for s in c.seeds), key=lambda u: u[0].seeds.index(u[1]))
         for config, seed in units:
             key = (config.name, config.config_hash(), seed, data[config.name])
@@ -245,6 +248,11 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
             if holder is not None:
                 log.warning("%s seed %d: %s is working on it; left to that process", config.name, seed, holder)
                 done.append((config.name, seed, f"busy: {holder}"))
+                continue
+            from bem.experiments.executor import distributable
+
+            if executor == "submitit" and not finished and distributable(config):
+                jobs.append((config, seed, data[config.name]))  # the lease stays held until its result is stored
                 continue
             try:
                 if finished:
@@ -267,6 +275,10 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
             finally:
                 if main_process:
                     db.release(*key)
+        if jobs:
+            from bem.experiments.executor import run_jobs
+
+            done += run_jobs(db, run_id, jobs, out, data_root, workers, directory, quick, seeds, overlay)
         if main_process:  # the router's baselines that train, and every system's cost, once its units are done
             from bem.router.experiment import run_unit as run_router_unit
 
