@@ -60,3 +60,18 @@ def test_a_preempted_job_is_requeued_with_the_same_arguments():
     args = ("tiny_lora", False, None, "/experiments", None, 0, "/out", None, "{}")
     again = job.checkpoint(*args)
     assert again.function is job and again.args == args
+
+
+def test_job_options_become_submitit_parameters():
+    from pathlib import Path
+
+    import pytest
+
+    from bem.experiments.executor import executor, job_parameters
+
+    assert job_parameters(["slurm_partition=gpu", "gpus_per_node=1", "mem_gb=32.5"]) == {
+        "slurm_partition": "gpu", "gpus_per_node": 1, "mem_gb": 32.5}
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        job_parameters(["gpus"])
+    with pytest.raises(Exception, match="cpus_per_tasks"):  # submitit refuses a misspelt parameter, naming it
+        executor(Path("/tmp/bem-submitit-test"), 2, 10, {"cpus_per_tasks": 2})

@@ -38,7 +38,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or ("runs/quick" if args.quick else "runs/main"))
     start = time.perf_counter()
     units = run(names, out, quick=args.quick, seeds=args.seeds, command=" ".join(["bem"] + sys.argv[1:]), overlay=overlay,
-                executor=args.executor, workers=args.workers)
+                executor=args.executor, workers=args.workers, job_parameters=_job_parameters(args.job))
     if os.environ.get("RANK", "0") != "0":
         return 0  # under DDP, rank 0 reports
     for name, seed, status in units:
@@ -344,6 +344,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_parameters(pairs: list[str]) -> dict:
+    from bem.experiments.executor import job_parameters
+
+    try:
+        return job_parameters(pairs)
+    except ValueError as err:
+        raise BEMError(str(err)) from None
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -433,6 +442,8 @@ def _main(argv: list[str]) -> int:
                      help="local: every unit in this process (default); submitit: units that need no other unit run "
                      "as jobs (SLURM where sbatch exists, else local processes), results written here only")
     run.add_argument("--workers", type=_positive, default=2, help="jobs at once with --executor submitit (default 2)")
+    run.add_argument("--job", nargs="+", default=[], metavar="KEY=VALUE", help="submitit parameters of every job, "
+                     "e.g. slurm_partition=gpu gpus_per_node=1 cpus_per_task=8 mem_gb=32 timeout_min=120")
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="experiments with added parameters, FLOPs per token and parity vs the anchor")
     lst.add_argument("--json", action="store_true")

@@ -88,7 +88,25 @@ def distributable(config) -> bool:
             and config.safety is None)
 
 
-def executor(folder: Path, workers: int, timeout_min: int):
+def job_parameters(pairs: list[str]) -> dict:
+    """`--job KEY=VALUE` options as submitit parameters (numbers as numbers): gpus_per_node=1, cpus_per_task=8,
+    mem_gb=32, slurm_partition=gpu, ... (submitit's AutoExecutor.update_parameters)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--job {pair!r} is not allowed; expected KEY=VALUE (e.g. slurm_partition=gpu)")
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                continue
+        out[key] = value
+    return out
+
+
+def executor(folder: Path, workers: int, timeout_min: int, parameters: dict | None = None):
     """The submitit executor: `submitit` picks SLURM where `sbatch` exists, else runs jobs as local processes."""
     try:
         import submitit
@@ -96,16 +114,16 @@ def executor(folder: Path, workers: int, timeout_min: int):
         raise ModuleNotFoundError("--executor submitit needs the PyPI package submitit; install it with: pip install "
                                   "submitit==1.5.4   (or: make setup)") from None
     ex = submitit.AutoExecutor(folder=folder)
-    ex.update_parameters(timeout_min=timeout_min, slurm_array_parallelism=workers)
+    ex.update_parameters(timeout_min=timeout_min, slurm_array_parallelism=workers, **(parameters or {}))
     return ex
 
 
 def run_jobs(db, run_id: int, units: list, out: Path, data_root: Path | None, workers: int, directory: Path,
              quick: bool, seeds: int | None, overlay: str | None, timeout_min: int = 24 * 60,
-             poll_s: float = 2.0) -> list[tuple[str, int, str]]:
+             poll_s: float = 2.0, parameters: dict | None = None) -> list[tuple[str, int, str]]:
     """Submit `units` ((config, seed, data) whose leases this driver holds) as jobs, at most `workers` at a time
     (SLURM: one job array with that parallelism), replay each result as it arrives and release its lease."""
-    ex = executor(out / "submitit", workers, timeout_min)
+    ex = executor(out / "submitit", workers, timeout_min, parameters)
     local = ex.cluster in ("local", "debug")
     fn = UnitJob()
     pending, running, done = list(units), [], []

@@ -209,7 +209,8 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
 
 def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = None, data_root: Path | None = None,
         directory: Path = EXPERIMENTS_DIR, command: str = "bem run", overlay: str | None = None,
-        seed: int | None = None, executor: str = "local", workers: int = 2) -> list[tuple[str, int, str]]:
+        seed: int | None = None, executor: str = "local", workers: int = 2,
+        job_parameters: dict | None = None) -> list[tuple[str, int, str]]:
     """Run every unfinished (experiment, seed) unit, seed by seed so that an interrupted run holds every
     experiment at its first seeds; returns (experiment, seed, 'done'|'skipped'|'backfilled'|'busy: ...'). A finished
     unit that lacks index-swap conditions (see swap_conditions) or routing statistics gets only those: 'backfilled'.
@@ -278,7 +279,8 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
         if jobs:
             from bem.experiments.executor import run_jobs
 
-            done += run_jobs(db, run_id, jobs, out, data_root, workers, directory, quick, seeds, overlay)
+            done += run_jobs(db, run_id, jobs, out, data_root, workers, directory, quick, seeds, overlay,
+                             parameters=job_parameters)
         if main_process:  # the router's baselines that train, and every system's cost, once its units are done
             from bem.router.experiment import run_unit as run_router_unit
 
