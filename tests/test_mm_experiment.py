@@ -131,7 +131,8 @@ def test_mm_experiments_end_to_end(setup, monkeypatch, tmp_path):
     report = write_report(out).read_text()
     assert "## Image swap (easy_vqa)" in report and "## Index swap" not in report
     assert "Wall clock of the job:" in report and (out / "question_types.png").is_file()
-    assert "mm/majority" in report and "mm/zero_shot" in report
+    assert "mm/majority" in report and "mm/zero_shot" in report and "## Multimodal routing (MM)" in report
+    assert "The seed's claim for `tvqa`" in report
     units = sqlite3.connect(out / "results.sqlite").execute("SELECT COUNT(*) FROM units").fetchone()[0]
     assert _run(setup, monkeypatch, out) == 0  # a rerun finds everything done, the text baselines included
     assert sqlite3.connect(out / "results.sqlite").execute("SELECT COUNT(*) FROM units").fetchone()[0] == units

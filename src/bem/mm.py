@@ -87,3 +87,48 @@ def store_text_baselines(db, run_id: int, config, data_root=None) -> list[str]:
         db.write_unit(run_id, f"mm/{system}", h, body, 0, rows, [summary], [], 0.0, time.perf_counter() - start, data)
         stored.append(system)
     return stored
+
+
+CLAIM = 0.02
+"""The seed's claim (SPEC §5): the image-reading controller ≥ +2 points of accuracy over the text-only controller."""
+
+
+def report_lines(result: dict) -> list[str]:
+    """The report's "Multimodal routing (MM)" summary: every experiment whose controller reads easy_vqa's image
+    features against each system it is compared with (all items and by question type), its verdicts, and the seed's
+    claim checked against its anchor (the text-only controller). Empty when no such experiment is in the folder."""
+    units = result["units"]
+    readers = [name for name, u in units.items() if TASK in u["config"]["tasks"] and "bem" in u["config"]
+               and u["config"].get("side_inputs") is True and u["config"]["bem"].get("controller") != "static"]
+    if not readers:
+        return []
+    comps = [c for c in result["comparisons"] if c["experiment"] in readers and c["task"] == TASK
+             and c["metric"] == "accuracy"]
+    verdicts = {(v["experiment"], v["versus"]): v for v in result["verdicts"]}
+    lines = ["", "## Multimodal routing (MM)", "",
+             "easy_vqa accuracy of each controller that reads the image features, paired by item with each system it "
+             "is compared with (improvement = it − versus; BCa 95% CI; BH p over the folder's comparisons). Systems "
+             "without a module (`mm/majority`, `mm/zero_shot`) are on the same test items.", "",
+             "| experiment | versus | all items | 95% CI | yes/no | shape | colour | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in readers:
+        for versus in dict.fromkeys(c["versus"] for c in comps if c["experiment"] == name):
+            by = {c["slice"]: c for c in comps if (c["experiment"], c["versus"]) == (name, versus)}
+            if "B" not in by:
+                continue
+            b = by["B"]
+            cells = [f"{by[s]['difference']:+.4f}" if s in by else "—" for s in ("yes/no", "shape", "colour")]
+            verdict = verdicts.get((name, versus), {}).get("verdict", "—")
+            lines.append(f"| {name} | {versus} | {b['difference']:+.4f} ({b['mean_experiment']:.4f} vs {b['mean_versus']:.4f}) | "
+                         f"[{b['low']:+.4f}, {b['high']:+.4f}] | " + " | ".join(cells) + f" | {verdict} |")
+        anchor = units[name]["config"].get("anchor")
+        claim = next((c for c in comps if (c["experiment"], c["versus"], c["slice"]) == (name, anchor, "B")), None)
+        if claim is not None:
+            held = claim["difference"] >= CLAIM
+            lines += ["", f"The seed's claim for `{name}` (≥ +{CLAIM:.0%} accuracy over the text-only controller "
+                      f"`{anchor}`): measured {claim['difference']:+.4f}, 95% CI [{claim['low']:+.4f}, "
+                      f"{claim['high']:+.4f}]: " + ("the estimate meets it" + (" and the CI excludes 0." if
+                                                                              claim["low"] > 0 else
+                                                                              ", but the CI includes 0.")
+                                                   if held else "not met.")]
+    return lines

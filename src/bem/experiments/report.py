@@ -394,6 +394,9 @@ def write_report(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = 
     from bem.experiments.index_swap import report_lines  # index swap (SPEC §6): bem/experiments/index_swap.py
 
     lines += report_lines(result["index_swap"])
+    from bem.mm import report_lines as mm_lines  # easy_vqa: the image readers against every baseline, the claim
+
+    lines += mm_lines(result)
     from bem.safety import curve, curve_lines, plot_curve  # the safety basis (VC): its knob curve
 
     safety = curve(run_dir / "results.sqlite", n_resamples)
