@@ -75,3 +75,21 @@ def test_job_options_become_submitit_parameters():
         job_parameters(["gpus"])
     with pytest.raises(Exception, match="cpus_per_tasks"):  # submitit refuses a misspelt parameter, naming it
         executor(Path("/tmp/bem-submitit-test"), 2, 10, {"cpus_per_tasks": 2})
+
+
+def test_a_job_keeps_the_drivers_precision_and_refuses_a_changed_config(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
+    import pytest
+
+    from bem.experiments import runner
+    from bem.experiments.executor import UnitJob
+
+    seen = {}
+    monkeypatch.setattr(runner, "run_unit", lambda db, run_id, config, *a, **k: seen.update(
+        precision=(config.training.precision, config.evaluation.precision), hash=config.config_hash()))
+    (config,) = runner.load_configs(["tiny_lora"], False, None, tiny_setup / "experiments")
+    args = ("tiny_lora", False, None, str(tiny_setup / "experiments"), None, 0, str(tmp_path), None, "{}")
+    monkeypatch.setenv("BEM_AUTO_PRECISION", "bf16")  # the worker's own machine would resolve auto to bf16
+    UnitJob()(*args, ("fp32", "fp32"), config.config_hash())
+    assert seen == {"precision": ("fp32", "fp32"), "hash": config.config_hash()}
+    with pytest.raises(RuntimeError, match="differs from the driver's"):
+        UnitJob()(*args, ("fp32", "fp32"), "0123456789ab")

@@ -73,10 +73,16 @@ class UnitJob(_JobBase):
     preempted or timed out, it is requeued with the same arguments and the unit resumes from its checkpoint."""
 
     def __call__(self, name: str, quick: bool, seeds: int | None, directory: str, overlay: str | None, seed: int,
-                 out: str, data_root: str | None, data: str) -> list[tuple[str, tuple]]:
+                 out: str, data_root: str | None, data: str, precisions: tuple[str, str] | None = None,
+                 config_hash: str | None = None) -> list[tuple[str, tuple]]:
         from bem.experiments.runner import load_configs, run_unit
 
         (config,) = load_configs([name], quick, seeds, Path(directory), overlay)
+        if precisions is not None:  # the driver's resolution of `auto`: a GPU worker must not turn a CPU unit into bf16
+            config.training.precision, config.evaluation.precision = precisions
+        if config_hash is not None and config.config_hash() != config_hash:
+            raise RuntimeError(f"{name} seed {seed}: the job's config hash {config.config_hash()} differs from the "
+                               f"driver's {config_hash}: the experiment file changed after the run was submitted")
         recorder = Recorder()
         run_unit(recorder, -1, config, seed, Path(out), Path(data_root) if data_root else None, data)
         return recorder.calls
@@ -130,7 +136,8 @@ def run_jobs(db, run_id: int, units: list, out: Path, data_root: Path | None, wo
 
     def submit(config, seed, data):
         return ex.submit(fn, config.source if Path(config.source).is_absolute() else config.name, quick, seeds,
-                         str(directory), overlay, seed, str(out), str(data_root) if data_root else None, data)
+                         str(directory), overlay, seed, str(out), str(data_root) if data_root else None, data,
+                         (config.training.precision, config.evaluation.precision), config.config_hash())
 
     if not local:  # SLURM: one array, the parallelism set on the executor
         with ex.batch():
