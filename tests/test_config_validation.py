@@ -233,7 +233,7 @@ def test_error_classes_are_bem_errors_and_value_errors():
 
 
 def test_shipped_experiments_load_with_every_preset():
-    assert list_presets() == ["cpu", "online_cpu", "quick", "router_cpu", "safety_cpu"]
+    assert list_presets() == ["cpu", "mm_cpu", "online_cpu", "quick", "router_cpu", "safety_cpu"]
     for name in list_experiments():
         for overlay in (None, "_cpu", "_online_cpu", "_quick", "_router_cpu"):  # a preset's router: / online: sizes
             config = load_experiment(name, overlay=overlay)                    # those experiments only
