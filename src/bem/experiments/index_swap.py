@@ -214,6 +214,10 @@ def report_lines(result: dict) -> list[str]:
     return _index_lines(result) + image_swap_lines(result)
 
 
+IMAGE_OUTCOMES = {"uses the features": "uses the image", "features hurt": "the image hurts",
+                  "no evidence it uses them": "no evidence it uses the image"}
+
+
 def image_swap_lines(result: dict) -> list[str]:
     """easy_vqa's image swap (issue 17): the question as it is, another image's features to the controller. If the
     routing uses the image, accuracy drops: clean − features_shuffled with a paired BCa 95% CI."""
@@ -230,7 +234,7 @@ def image_swap_lines(result: dict) -> list[str]:
         lines.append(f"| {f['experiment']} | {f['metric']} | {f['n']} | {','.join(map(str, f['seeds']))} | "
                      f"{f['clean']:.4f} | {f['features_shuffled']:.4f} | {f['estimate']:+.4f} | "
                      f"[{f['low']:+.4f}, {f['high']:+.4f}] | {f['identical_predictions']:.1%} | "
-                     f"{f['verdict'].replace('features', 'the image')} |")
+                     f"{IMAGE_OUTCOMES.get(f['verdict'], f['verdict'])} |")
     return lines
 
 
