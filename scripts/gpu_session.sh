@@ -95,6 +95,11 @@ if [ $LEFT -gt 150 ]; then  # 141 s on the H200 of 2026-11-29
     timeout $LEFT $PY -m bem.cli bench --device cuda --precisions fp32 bf16 --rounds 2 --out "$OUT/bench-cuda.json" 2>&1 | tail -30
 fi
 LEFT=$((END - SECONDS - 10))
+if [ $LEFT -gt 60 ]; then  # issue 18: heterogeneous batches on the GPU; its table comes back inside logs.txt (no $OUT slot)
+    timeout $LEFT $PY scripts/bench_hetero.py --device cuda --precision bf16 --rounds 5 --out "$LOGS/hetero-cuda.json" \
+        2>&1 | grep -v "Loading weights" | tail -14 > "$LOGS/hetero.log"
+fi
+LEFT=$((END - SECONDS - 10))
 if [ $LEFT -gt 40 ] && [ -z "${SKIP_PROFILE:-}" ]; then
     BEM_AUTO_PRECISION=fp32 timeout $LEFT $PY -m bem.cli profile --device cuda --experiments $V13 --out "$RUN" 2>&1 | tee "$OUT/profile.log" | grep " vs " | tail -20
     snapshot
