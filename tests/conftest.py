@@ -59,3 +59,16 @@ def arch(request):
 @pytest.fixture(params=list(VARIANTS))
 def variant(request):
     return request.param
+
+
+def tiny_run_folder(folder):
+    """`folder`/model: a tiny llama with SmolLM2's tokenizer saved as a local Hugging Face folder, and an empty
+    `folder`/experiments; returns the experiments folder (end-to-end tests write their configs there)."""
+    from bem.models import load_base
+
+    tokenizer = load_base("smollm2-135m")[1]
+    model = tiny("llama", vocab_size=len(tokenizer))
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    (folder / "experiments").mkdir()
+    return folder / "experiments"

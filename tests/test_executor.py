@@ -62,19 +62,18 @@ def test_a_preempted_job_is_requeued_with_the_same_arguments():
     assert again.function is job and again.args == args
 
 
-def test_job_options_become_submitit_parameters():
-    from pathlib import Path
-
+def test_job_options_become_submitit_parameters(tmp_path):
     import pytest
 
+    from bem.experiments.config import ConfigError
     from bem.experiments.executor import executor, job_parameters
 
     assert job_parameters(["slurm_partition=gpu", "gpus_per_node=1", "mem_gb=32.5"]) == {
         "slurm_partition": "gpu", "gpus_per_node": 1, "mem_gb": 32.5}
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         job_parameters(["gpus"])
-    with pytest.raises(Exception, match="cpus_per_tasks"):  # submitit refuses a misspelt parameter, naming it
-        executor(Path("/tmp/bem-submitit-test"), 2, 10, {"cpus_per_tasks": 2})
+    with pytest.raises(ConfigError, match="cpus_per_tasks"):  # submitit refuses a misspelt parameter, naming it
+        executor(tmp_path / "submitit", 2, 10, {"cpus_per_tasks": 2})
 
 
 def test_a_job_keeps_the_drivers_precision_and_refuses_a_changed_config(tiny_setup, tmp_path, monkeypatch):  # noqa: F811

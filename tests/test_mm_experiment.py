@@ -7,6 +7,8 @@ import sqlite3
 import numpy as np
 import pytest
 
+from conftest import tiny_run_folder
+
 SHAPES, COLOURS = ("circle", "rectangle", "triangle"), ("red", "blue")
 
 
@@ -24,7 +26,6 @@ def _items(split: str, images: list[tuple[int, str, str]]) -> list[dict]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from bem.data.prepare import record_task
-    from bem.models import load_base, tiny
 
     folder = tmp_path_factory.mktemp("mm_run")
     root = folder / "data"
@@ -41,12 +42,7 @@ def setup(tmp_path_factory):
     np.save(root / "easy_vqa" / "image_features.npy", features.astype(np.float16))
     record_task("easy_vqa", root, "hand-made-easy_vqa")
 
-    tokenizer = load_base("smollm2-135m")[1]
-    model = tiny("llama", vocab_size=len(tokenizer))
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    exp = folder / "experiments"
-    exp.mkdir()
+    exp = tiny_run_folder(folder)
     (exp / "tvqa.yaml").write_text(
         f"model: {folder / 'model'}\ntasks: [easy_vqa]\nseeds: [0]\nanchor: ttext\nbaseline: tlora\n"
         "bem: {rank: 4, alpha: 8, sites: [o_proj, down_proj], controller: chunk, chunk_size: 8, side_dim: 1280, "

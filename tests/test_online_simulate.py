@@ -7,6 +7,7 @@ import sqlite3
 import pytest
 import torch
 
+from conftest import tiny_run_folder
 from test_router_env import root  # noqa: F401  (the small data root fixture)
 
 TASKS = ["wordnet_qa", "bible_translate", "wordnet_define", "json_format"]
@@ -34,15 +35,8 @@ def online_root(tmp_path_factory, root):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from bem.models import load_base, tiny
-
     folder = tmp_path_factory.mktemp("online_run")
-    tokenizer = load_base("smollm2-135m")[1]
-    model = tiny("llama", vocab_size=len(tokenizer))
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    exp = folder / "experiments"
-    exp.mkdir()
+    exp = tiny_run_folder(folder)
     (exp / "tbank.yaml").write_text(
         f"model: {folder / 'model'}\ntasks: {json.dumps(TASKS)}\nseeds: [0]\nanchor: null\nside_inputs: false\n"
         "bem: {rank: 8, alpha: 16, sites: [o_proj, down_proj], controller: static, experts: 4, side_dim: 0}\n"

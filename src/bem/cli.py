@@ -151,24 +151,32 @@ def cmd_experts_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_safety_curve(args: argparse.Namespace) -> int:
+def _run_section(args: argparse.Namespace, section: str, example: str) -> Path:
+    """`bem online simulate` / `bem safety curve`: check that the experiment has its section, prepare its data, run it
+    (resumable) into --out; returns the run folder."""
     from bem.data.prepare import prepare
     from bem.experiments.config import load_experiment
-    from bem.experiments.report import write_report
     from bem.experiments.runner import run
-    from bem.safety import curve, curve_lines
 
     overlay = _overlay(args)
     config = load_experiment(args.experiment, overlay=overlay)
-    if config.safety is None:
-        raise BEMError(f"--experiment {args.experiment!r} has no safety: section; expected a safety experiment "
-                       "(e.g. vc_safety)")
+    if getattr(config, section) is None:
+        raise BEMError(f"--experiment {args.experiment!r} has no {section}: section; expected an experiment with one "
+                       f"(e.g. {example})")
     prepare(config.tasks)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise BEMError(f"--out {out} is a file; expected a run folder")
-    start = time.perf_counter()
     run([args.experiment], out, command=" ".join(["bem"] + sys.argv[1:]), overlay=overlay)
+    return out
+
+
+def cmd_safety_curve(args: argparse.Namespace) -> int:
+    from bem.experiments.report import write_report
+    from bem.safety import curve, curve_lines
+
+    start = time.perf_counter()
+    out = _run_section(args, "safety", "vc_safety")
     print("\n".join(curve_lines(curve(out / "results.sqlite"))))
     report = write_report(out)
     print(f"results in {out / 'results.sqlite'}, report {report} ({time.perf_counter() - start:.0f} s)")
@@ -176,22 +184,10 @@ def cmd_safety_curve(args: argparse.Namespace) -> int:
 
 
 def cmd_online_simulate(args: argparse.Namespace) -> int:
-    from bem.data.prepare import prepare
-    from bem.experiments.config import load_experiment
-    from bem.experiments.runner import run
     from bem.online import report as online_report
 
-    overlay = _overlay(args)
-    config = load_experiment(args.experiment, overlay=overlay)
-    if config.online is None:
-        raise BEMError(f"--experiment {args.experiment!r} has no online: section; expected an online experiment "
-                       "(e.g. ol_shadow)")
-    prepare(config.tasks)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise BEMError(f"--out {out} is a file; expected a run folder")
     start = time.perf_counter()
-    run([args.experiment], out, command=" ".join(["bem"] + sys.argv[1:]), overlay=overlay)
+    out = _run_section(args, "online", "ol_shadow")
     report = online_report.write_report(out)
     print(online_report.status_text(out), end="")
     print(f"results in {out / 'results.sqlite'}, report {report} ({time.perf_counter() - start:.0f} s)")

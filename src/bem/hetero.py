@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bem.bench import _seeded_  # the same fresh non-zero adapter weights as `bem bench`
+
 SUBJECTS = ("base", "peft_single", "peft_mixed", "bem_bank", "bem_codes")
 ADAPTERS, RANK, SITES = 4, 8, ["o_proj", "down_proj"]
 SHAPES = {"qwen1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
@@ -42,13 +44,6 @@ def _base(model: str):
     from bem.models import load_base
 
     return load_base(model)[0]
-
-
-def _seeded_(params, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
 def build(subject: str, model: str, batch: int, device: torch.device):

@@ -212,9 +212,9 @@ def safe_targets(config, seed: int, out: Path, data_root=None) -> list[dict]:
     file per model, prompts, sampling and seed), so a rerun or a resumed unit reuses them."""
     import hashlib
     import json
-    import os
 
     from bem.data.prepare import data_fingerprints
+    from bem.evaluate import _atomic_write
     from bem.models import load_base
     from bem.tasks import SPECS, load_items
 
@@ -229,9 +229,7 @@ def safe_targets(config, seed: int, out: Path, data_root=None) -> list[dict]:
     targets = best_of_k(model.eval(), tokenizer, [SPECS["safety"].prompt(it) for it in items], c.k,
                         SPECS["safety"].max_new_tokens, seed, config.evaluation.batch_size, c.temperature, c.top_p)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "targets": targets}, indent=1))
-    os.replace(tmp, path)
+    _atomic_write(path, json.dumps({"key": key, "targets": targets}, indent=1))
     return targets
 
 
@@ -396,10 +394,7 @@ def curve_lines(result: list[dict]) -> list[str]:
 
 def plot_curve(result: list[dict], path: Path) -> bool:
     """Violation rate and F1 against λ with their CIs (the paired difference added to λ = 0's mean); False if empty."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bem.experiments.report import PNG_META, plt  # the report's Agg backend and stamp-free PNGs
 
     if not result or not any(s["rows"] for s in result):
         return False
@@ -417,7 +412,7 @@ def plot_curve(result: list[dict], path: Path) -> bool:
     fig.suptitle("Safety block: violations and guard quality against λ (95% CI of the paired difference to λ = 0)",
                  fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})
+    fig.savefig(path, dpi=110, metadata=PNG_META)
     plt.close(fig)
     return True
 

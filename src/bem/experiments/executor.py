@@ -120,7 +120,12 @@ def executor(folder: Path, workers: int, timeout_min: int, parameters: dict | No
         raise ModuleNotFoundError("--executor submitit needs the PyPI package submitit; install it with: pip install "
                                   "submitit==1.5.4   (or: make setup)") from None
     ex = submitit.AutoExecutor(folder=folder)
-    ex.update_parameters(timeout_min=timeout_min, slurm_array_parallelism=workers, **(parameters or {}))
+    try:
+        ex.update_parameters(timeout_min=timeout_min, slurm_array_parallelism=workers, **(parameters or {}))
+    except (ValueError, TypeError, NameError) as err:  # submitit names the parameter it does not know
+        from bem.experiments.config import ConfigError
+
+        raise ConfigError(f"--job {parameters}: {str(err).splitlines()[0]}") from None
     return ex
 
 

@@ -220,6 +220,10 @@ def run(names: list[str], out: Path, quick: bool = False, seeds: int | None = No
     unit run as submitit jobs, at most `workers` at once (bem.experiments.executor); the rest run here."""
     if executor not in ("local", "submitit"):
         raise ConfigError(f"--executor {executor!r} is not allowed; expected 'local' or 'submitit'")
+    if executor == "submitit":  # its parameters are checked before any unit is claimed
+        from bem.experiments.executor import executor as submitit_executor
+
+        submitit_executor(out / "submitit", workers, 60, job_parameters)
     configs = load_configs(names, quick, seeds, directory, overlay)
     if seed is not None:
         for c in configs:
