@@ -13,9 +13,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 setup: $(STAMP) debian
 
-$(STAMP): pyproject.toml requirements.lock requirements-nodeps.txt
+$(STAMP): pyproject.toml requirements.lock requirements-nodeps.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
+	# Triton: torch's CUDA wheels bring their own; with the CPU wheel the fused kernel's tests run in its interpreter
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install -q triton==3.9.0
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .

@@ -26,6 +26,8 @@ if [ "$MODE" = stage ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     $PY -c "import torch, transformers, accelerate, peft, sacrebleu; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"
     timeout 90 $PY scripts/device_check.py 2>&1 | tee "$OUT/device_check.log"
+    # issue 18 item 2: the compiled Triton site kernel against the torch reference (tests/test_fused.py, CUDA tests)
+    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_fused.py 2>&1 | tail -15 | tee -a "$OUT/device_check.log"
     exit 0
 fi
 

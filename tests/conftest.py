@@ -7,6 +7,9 @@ os.environ.setdefault("BEM_AUTO_PRECISION", "fp32")  # tests compute the same on
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():  # the fused site kernel (bem.module.fused) runs in Triton's interpreter on the CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from bem import BEMConfig, attach_bem, bem_layers  # noqa: E402
 from bem.models import tiny  # noqa: E402
 

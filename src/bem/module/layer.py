@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from bem.module import fused
 from bem.module.trust_region import kron_fro_factor, trust_region_factor
 
 if TYPE_CHECKING:
@@ -29,7 +30,10 @@ class BEMLayer(nn.Module):
     U (d_out × r) starts at zero and V (d_in × r) like LoRA's A, so ΔW = 0 at step 0. The code c
     (per example, per token segment) comes from the runtime's controller; with c ≡ 1 this is LoRA
     with B = U and A = Vᵀ. The trust region rescales each example's ΔW (see trust_region.py).
+    On CUDA at inference the delta and the add run as one Triton kernel (fused.py); `delta` is the reference.
     """
+
+    fusable = True  # the fused kernel computes this class's delta (not KronLayer's)
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float,
                  tau_sigma: float | None = None, tau_fro: float | None = None):
@@ -125,6 +129,8 @@ class BEMLayer(nn.Module):
             tokens = self.gated_input(tokens)
             x = tokens.reshape(x.shape)
         y = self.base_layer(x)  # on the input's own shape, so W0 x is bit-identical to the base model's
+        if fused.usable(tokens, self, y):
+            return fused.site_forward(self, tokens, y)
         delta = self.delta(tokens)
         if delta.shape != y.shape:
             delta = delta.reshape(y.shape)
@@ -166,6 +172,8 @@ class KronLayer(BEMLayer):
     code entry, so the controller, the dynamic rank mask and the trust region (Frobenius) compose.
     Cost per token and term: 2·(d_in·b_out + d_out·a_in) FLOPs.
     """
+
+    fusable = False
 
     def __init__(self, base_layer: nn.Module, terms: int, factor: tuple[int, int], alpha: float, rank: int,
                  tau_fro: float | None = None, name: str = "site"):
