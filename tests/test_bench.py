@@ -79,3 +79,21 @@ def _nothing():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_bench_modes_have_ratios_to_the_base_in_the_same_mode(tiny_model):
+    """Compiled rows are measured against the compiled base (the plumbing, with torch.compile's aot_eager backend to
+    keep the test short; `bem bench --modes compiled` uses inductor)."""
+    from bem import bench
+
+    result = bench.bench(["base", "bem_routed"], ("fp32",), "cpu", model_name=str(tiny_model), batch=2, prompt_len=8,
+                         decode_steps=2, new_tokens=3, train_len=8, rounds=1, warmup=1, log=lambda line: None,
+                         modes=("eager", "compiled"), compile_backend="aot_eager")
+    rows = {(r["subject"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {(s, m) for s in ("base", "bem_routed") for m in ("eager", "compiled")}
+    for (subject, mode), row in rows.items():
+        assert row["ratios"]["decode"] == pytest.approx(row["decode_ms"] / rows[("base", mode)]["decode_ms"])
+    text = bench.markdown(result)
+    assert "**fp32**" in text and "**fp32 compiled**" in text and "fp32 compiled: BEM routed decode ×" in text
+    with pytest.raises(Exception, match=r"--modes: \['jit'\] not allowed"):
+        bench.bench(["base"], ("fp32",), "cpu", model_name=str(tiny_model), modes=("jit",))

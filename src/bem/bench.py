@@ -5,8 +5,12 @@ PEFT LoRA unmerged and merged, BEM static (L0_lora's modules), BEM routed (S1_an
 Work: prefill of a B × T prompt, one decode step on its KV cache, greedy generation (tokens/s) and one training
 step (forward, backward, AdamW) on B × T tokens, in fp32 and in bf16 autocast. Rounds are interleaved: every round
 runs each subject once, in an order rotated from round to round, so that drift of the machine falls on all alike;
-medians over rounds. Ratios are against the base model measured in the same run (train steps: against PEFT LoRA,
-the base has nothing to train). This is a benchmark, not a test: it asserts nothing, it reports.
+medians over rounds. Ratios are against the base model measured in the same run and mode (train steps: against PEFT
+LoRA, the base has nothing to train). This is a benchmark, not a test: it asserts nothing, it reports.
+
+Modes (`--modes`): `eager` (on CUDA BEM's sites run the fused Triton kernel, bem.module.fused), `eager_unfused` (the
+torch reference path of the sites; the same as `eager` off CUDA) and `compiled` (every subject's forward, the base
+model's too, under `torch.compile`, inductor by default; compiling happens in the warm-up round).
 
 Modules are fresh with random non-zero weights: cost does not depend on the values, and every subject computes its
 full path (no ΔW = 0 shortcuts exist in BEM or PEFT).
@@ -42,6 +46,10 @@ class Row:
     generate_tokens_per_s: float
     train_step_s: float | None  # None: nothing to train (the base model, merged LoRA)
     ratios: dict = field(default_factory=dict)
+    mode: str = "eager"  # eager, eager_unfused or compiled; ratios are against the base in the same mode
+
+
+MODES = ("eager", "eager_unfused", "compiled")
 
 
 def _sync(device: torch.device) -> None:
@@ -125,8 +133,15 @@ def _train_step(model, params, optimizer, ids, kwargs, device) -> float:
 
 def bench(subjects: list[str] = list(SUBJECTS), precisions: tuple[str, ...] | None = None, device: str = "cpu",
           model_name: str = "smollm2-135m", batch: int = 8, prompt_len: int = 128, decode_steps: int = 8,
-          new_tokens: int = 32, train_len: int = 160, rounds: int = 3, warmup: int = 1, log=print) -> dict:
-    """Every subject × precision, `rounds` interleaved rounds after `warmup`; medians and ratios (see module doc)."""
+          new_tokens: int = 32, train_len: int = 160, rounds: int = 3, warmup: int = 1, log=print,
+          modes: tuple[str, ...] = ("eager",), compile_backend: str = "inductor") -> dict:
+    """Every subject × precision × mode, `rounds` interleaved rounds after `warmup`; medians and ratios (see module
+    doc). `compile_backend` is torch.compile's backend in the compiled mode."""
+    from bem.module import fused
+
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise BEMError(f"--modes: {unknown} not allowed; expected some of {list(MODES)}")
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -148,23 +163,27 @@ def bench(subjects: list[str] = list(SUBJECTS), precisions: tuple[str, ...] | No
         model, params, side_dim = build(name, model_name, dev)
         model.eval()
         optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+        forwards = {"eager": model.forward, "eager_unfused": model.forward}
+        if "compiled" in modes:
+            forwards["compiled"] = torch.compile(model.forward, backend=compile_backend)
         held[name] = (model, params, optimizer, _kwargs(side_dim, batch, prompt_len, dev),
-                      _kwargs(side_dim, batch, train_len, dev))
-    samples: dict[tuple[str, str], dict[str, list[float]]] = {}
+                      _kwargs(side_dim, batch, train_len, dev), forwards)
+    samples: dict[tuple[str, str, str], dict[str, list[float]]] = {}
     for r in range(warmup + rounds):
         shift = r % len(subjects)
         for name in subjects[shift:] + subjects[:shift]:
-            model, params, optimizer, kwargs, train_kwargs = held[name]
-            for precision in precisions:
+            model, params, optimizer, kwargs, train_kwargs, forwards = held[name]
+            for precision, mode in ((p, m) for p in precisions for m in modes):
                 start = time.perf_counter()
-                with autocast(dev, precision):
+                model.forward = forwards[mode]  # generate() and the passes call model(...), i.e. this forward
+                with autocast(dev, precision), fused.enabled(mode != "eager_unfused"):
                     prefill, decode = _prefill_and_decode(model, ids, kwargs, decode_steps, dev)
                     tokens_per_s = _generate(model, ids, kwargs, new_tokens, dev)
                     train = _train_step(model, params, optimizer, train_ids, train_kwargs, dev) if params else None
-                log(f"round {r + 1}/{warmup + rounds}: {name} {precision} in {time.perf_counter() - start:.0f} s")
+                log(f"round {r + 1}/{warmup + rounds}: {name} {precision} {mode} in {time.perf_counter() - start:.0f} s")
                 if r < warmup:
                     continue
-                s = samples.setdefault((name, precision), {"prefill": [], "decode": [], "gen": [], "train": []})
+                s = samples.setdefault((name, precision, mode), {"prefill": [], "decode": [], "gen": [], "train": []})
                 s["prefill"].append(prefill)
                 s["decode"].append(decode)
                 s["gen"].append(tokens_per_s)
@@ -172,12 +191,12 @@ def bench(subjects: list[str] = list(SUBJECTS), precisions: tuple[str, ...] | No
                     s["train"].append(train)
         log(f"round {r + 1}/{warmup + rounds}{' (warm-up)' if r < warmup else ''} done")
     rows = []
-    for (name, precision), s in samples.items():
+    for (name, precision, mode), s in samples.items():
         rows.append(Row(name, precision, float(np.median(s["prefill"]) * 1e3), float(np.median(s["decode"]) * 1e3),
-                        float(np.median(s["gen"])), float(np.median(s["train"])) if s["train"] else None))
-    by = {(row.subject, row.precision): row for row in rows}
+                        float(np.median(s["gen"])), float(np.median(s["train"])) if s["train"] else None, mode=mode))
+    by = {(row.subject, row.precision, row.mode): row for row in rows}
     for row in rows:
-        base, lora = by.get(("base", row.precision)), by.get(("peft_lora", row.precision))
+        base, lora = by.get(("base", row.precision, row.mode)), by.get(("peft_lora", row.precision, row.mode))
         if base is not None:
             row.ratios.update(prefill=row.prefill_ms / base.prefill_ms, decode=row.decode_ms / base.decode_ms,
                               generate_time=base.generate_tokens_per_s / row.generate_tokens_per_s)
@@ -187,8 +206,9 @@ def bench(subjects: list[str] = list(SUBJECTS), precisions: tuple[str, ...] | No
             "bf16_native": bf16_supported(dev), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "settings": {"batch": batch, "prompt_len": prompt_len, "decode_steps": decode_steps,
                          "new_tokens": new_tokens, "train_len": train_len, "rounds": rounds, "warmup": warmup,
-                         "threads": torch.get_num_threads()},
-            "rows": [asdict(row) for row in sorted(rows, key=lambda r: (r.precision, subjects.index(r.subject)))]}
+                         "threads": torch.get_num_threads(), "modes": list(modes), "compile_backend": compile_backend},
+            "rows": [asdict(row) for row in sorted(rows, key=lambda r: (modes.index(r.mode), r.precision,
+                                                                        subjects.index(r.subject)))]}
 
 
 def _describe(device: torch.device) -> str:
@@ -207,29 +227,35 @@ def goal_lines(result: dict) -> list[str]:
             ratio = row["ratios"].get(metric.removesuffix("_ms"))
             if ratio is not None:
                 verdict = "met" if ratio <= goal else f"missed by {ratio - goal:+.2f}"
-                lines.append(f"{row['precision']}: BEM routed {metric.removesuffix('_ms')} ×{ratio:.3f} base "
+                lines.append(f"{_section(row)}: BEM routed {metric.removesuffix('_ms')} ×{ratio:.3f} base "
                              f"(goal ≤ ×{goal:.2f}): {verdict}")
         ratio = row["ratios"].get("train_vs_peft_lora")
         if ratio is not None:
             verdict = "met" if ratio <= TRAIN_GOAL else f"missed by {ratio - TRAIN_GOAL:+.2f}"
-            lines.append(f"{row['precision']}: BEM routed train step ×{ratio:.3f} PEFT LoRA (goal ≤ ×{TRAIN_GOAL:.2f}): "
+            lines.append(f"{_section(row)}: BEM routed train step ×{ratio:.3f} PEFT LoRA (goal ≤ ×{TRAIN_GOAL:.2f}): "
                          f"{verdict}")
     return lines
 
 
+def _section(row: dict) -> str:
+    """A row's precision, and its mode unless eager (results stored before modes existed are eager)."""
+    mode = row.get("mode", "eager")
+    return row["precision"] if mode == "eager" else f"{row['precision']} {mode}"
+
+
 def markdown(result: dict) -> str:
-    """The result as Markdown tables, one per precision."""
+    """The result as Markdown tables, one per precision and mode."""
     s = result["settings"]
     out = [f"Device: {result['device']} ({result.get('cpu_capability', '?')}; native bf16: "
            f"{'yes' if result.get('bf16_native') else 'no'}); torch {result['torch']}; model {result['model']}; prefill and decode at "
            f"B = {s['batch']}, T = {s['prompt_len']}; generation {s['new_tokens']} new tokens per row; train step "
            f"B = {s['batch']} × {s['train_len']} tokens; medians of {s['rounds']} interleaved rounds after "
            f"{s['warmup']} warm-up.", ""]
-    for precision in dict.fromkeys(r["precision"] for r in result["rows"]):
-        out += [f"**{precision}**", "",
+    for section in dict.fromkeys(_section(r) for r in result["rows"]):
+        out += [f"**{section}**", "",
                 "| subject | prefill ms | ×base | decode step ms | ×base | generate tok/s | time ×base | train step s | ×PEFT LoRA |",
                 "|---|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in result["rows"] if r["precision"] == precision):
+        for r in (r for r in result["rows"] if _section(r) == section):
             q = r["ratios"]
             fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
             out.append(f"| {r['subject']} | {r['prefill_ms']:.1f} | {fmt(q.get('prefill'), '.3f')} | "
@@ -237,7 +263,8 @@ def markdown(result: dict) -> str:
                        f"{fmt(q.get('generate_time'), '.3f')} | {fmt(r['train_step_s'], '.2f')} | "
                        f"{fmt(q.get('train_vs_peft_lora'), '.3f')} |")
         out.append("")
-    out += ["Goals (issue 14, equal precision):", ""] + [f"- {line}" for line in goal_lines(result)]
+    out += ["Goals (issue 14, equal precision and mode):" if len(result["settings"].get("modes", ["eager"])) > 1
+            else "Goals (issue 14, equal precision):", ""] + [f"- {line}" for line in goal_lines(result)]
     return "\n".join(out) + "\n"
 
 

@@ -389,7 +389,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         subjects = ["base"] + subjects  # every ratio is against the base model measured in the same run
     result = bench.bench(subjects, tuple(args.precisions) if args.precisions else None, args.device, batch=args.batch, prompt_len=args.prompt_len,
                          new_tokens=args.new_tokens, train_len=args.train_len, rounds=args.rounds,
-                         log=lambda line: print(line, file=sys.stderr))
+                         log=lambda line: print(line, file=sys.stderr), modes=tuple(args.modes))
     out = Path(args.out or f"runs/bench/bench-{args.device.split(':')[0]}.json")
     bench.write(result, out)
     print(bench.markdown(result))
@@ -477,6 +477,9 @@ def _main(argv: list[str]) -> int:
     ben.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=None,
                      help="default: fp32 and bf16 where bf16 is native (CUDA, AVX512-BF16/AMX CPUs), else fp32")
     ben.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    ben.add_argument("--modes", nargs="+", choices=["eager", "eager_unfused", "compiled"], default=["eager"],
+                     help="eager (on CUDA: the fused site kernel), eager_unfused (the torch path of the sites), "
+                          "compiled (torch.compile of every subject, the base too); ratios are within a mode")
     ben.add_argument("--rounds", type=_positive, default=3)
     ben.add_argument("--batch", type=_positive, default=8)
     ben.add_argument("--prompt-len", type=_positive, default=128)
