@@ -98,12 +98,18 @@ snapshot
 # In the time left (none, most likely): the GPU table of `bem bench`, then the gates' profile of the trained units.
 LEFT=$((END - SECONDS - 10))
 if [ $LEFT -gt 150 ]; then  # 141 s on the H200 of 2026-11-29
-    timeout $LEFT $PY -m bem.cli bench --device cuda --precisions fp32 bf16 --rounds 2 --out "$OUT/bench-cuda.json" 2>&1 | tail -30
+    timeout $LEFT $PY -m bem.cli bench --device cuda --precisions fp32 bf16 --rounds 2 --modes eager eager_unfused \
+        --out "$OUT/bench-cuda.json" 2>&1 | tail -50  # issue 18 item 2: the fused kernel (eager) vs the torch path
 fi
 LEFT=$((END - SECONDS - 10))
 if [ $LEFT -gt 60 ]; then  # issue 18: heterogeneous batches on the GPU; its table comes back inside logs.txt (no $OUT slot)
     timeout $LEFT $PY scripts/bench_hetero.py --device cuda --precision bf16 --rounds 5 --out "$LOGS/hetero-cuda.json" \
         2>&1 | grep -v "Loading weights" | tail -14 > "$LOGS/hetero.log"
+fi
+LEFT=$((END - SECONDS - 10))
+if [ $LEFT -gt 240 ]; then  # issue 18 item 2: compiled mode (torch.compile, inductor) against the compiled base
+    timeout $LEFT $PY -m bem.cli bench --device cuda --quick --precisions bf16 --rounds 2 --modes eager compiled \
+        --out "$LOGS/bench-compiled.json" 2>&1 | grep -v "Loading weights" | tail -20 > "$LOGS/bench-compiled.log"
 fi
 LEFT=$((END - SECONDS - 10))
 if [ $LEFT -gt 40 ] && [ -z "${SKIP_PROFILE:-}" ]; then
