@@ -74,9 +74,11 @@ def best_of_k(model, tokenizer, prompts: list[str], k: int, max_new_tokens: int,
 
     if k < 1:
         raise ValueError(f"best_of_k needs k ≥ 1 replies per prompt; got {k}")
+    from tqdm.auto import tqdm
+
     out = []
     generator_seed = torch.Generator().manual_seed(seed)
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"best of {k}", unit="batch", leave=False):
         chunk = prompts[start:start + batch_size]
         encoded = [prompt_ids(tokenizer, p) for p in chunk]
         width = max(len(e) for e in encoded)  # left padding, as bem.evaluate.generate
