@@ -210,6 +210,22 @@ def test_greedy_that_drops_finished_rows_equals_generate(arch, options):
         assert tokens == expect, f"row {row}"
 
 
+def test_per_row_limits_equal_each_limit_alone(arch):
+    """Prompts of several tasks in one call (bem.online's serving step): with one limit per row, every reply is
+    what the call with that row's limit gives, and rows stop at their own limits."""
+    from bem.evaluate import greedy
+
+    model = routed_tiny(arch, prefix_scope="chunk", hysteresis_tau=0.01)
+    ids = torch.randint(3, 128, (4, 9), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    kwargs = {"bem_prompt_len": mask.sum(1), "bem_side": torch.randn(4, 3, generator=torch.Generator().manual_seed(7))}
+    limits = [3, 12, 1, 7]
+    got = greedy(model, ids, mask, limits, [-1], **kwargs)  # no end token: every row runs to its limit
+    full = greedy(model, ids, mask, 12, [-1], **kwargs)
+    assert [len(row) for row in got] == limits
+    assert all(tokens == full[row][:limit] for row, (tokens, limit) in enumerate(zip(got, limits)))
+
+
 def test_select_rows_keeps_the_remaining_rows_routing():
     """After dropping rows, the stream state of the kept rows is exactly the state they would have alone."""
     model = routed_tiny("llama", prefix_scope="chunk", hysteresis_tau=0.01)

@@ -19,10 +19,13 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int | list[int], batch_size: int = 16,
              side: torch.Tensor | None = None, desc: str = "generate",
              bem_mask: torch.Tensor | None = None) -> list[str]:
     """Greedy replies to chat prompts, batched by length with left padding and the KV cache.
+
+    `max_new_tokens` is one limit for all, or one per prompt (prompts of several tasks in one call: a row leaves the
+    batch at its own limit, so its reply is what a call with its limit alone gives).
 
     Prompts are sorted by length and cut into batches of `batch_size`; within a batch a row that has emitted the end
     token leaves the batch (see `greedy`), so finished rows cost nothing. With BEM attached, each row's real prompt
@@ -30,6 +33,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     block). Replies do not depend on `batch_size` (tested).
     """
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(prompts):
+        raise ValueError(f"generate: {len(limits)} max_new_tokens for {len(prompts)} prompts; expected one per prompt")
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     replies = [""] * len(prompts)
     bem = getattr(model, "_bem_runtime", None) is not None
@@ -53,16 +59,19 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
                 kwargs["bem_side"] = side[idx].to(device)
             if bem_mask is not None:
                 kwargs["bem_mask"] = bem_mask[idx].to(device)
-        out = greedy(model, ids.to(device), mask.to(device), max_new_tokens, eos, **kwargs)
+        batch_limits = [limits[i] for i in idx]
+        out = greedy(model, ids.to(device), mask.to(device),
+                     batch_limits[0] if len(set(batch_limits)) == 1 else batch_limits, eos, **kwargs)
         for row, i in enumerate(idx):
             replies[i] = tokenizer.decode(out[row], skip_special_tokens=True)
     return replies
 
 
 @torch.no_grad()
-def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int],
+def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | list[int], eos: list[int],
            **kwargs) -> list[list[int]]:
-    """Greedy continuation of a left-padded batch: each row's new tokens, up to and including its first end token.
+    """Greedy continuation of a left-padded batch: each row's new tokens, up to and including its first end token,
+    at most `max_new_tokens` (one limit, or one per row).
 
     The same tokens as `model.generate(do_sample=False)` (tested), but a row that has ended is dropped from the
     batch, its KV cache and BEM's routing state (`BEMRuntime.select_rows`), so the remaining rows' steps get cheaper
@@ -79,8 +88,10 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eo
     rows = torch.arange(len(ids), device=ids.device)  # batch row → input row
     new: list[list[int]] = [[] for _ in range(len(ids))]
     stop = torch.tensor(eos, device=ids.device)
+    limits = None if isinstance(max_new_tokens, int) else torch.tensor(max_new_tokens, device=ids.device)
+    steps = max_new_tokens if limits is None else int(limits.max())
     step_ids = ids
-    for step in range(max_new_tokens):
+    for step in range(steps):
         extra = {"position_ids": (mask.cumsum(1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]} if takes_positions else {}
         logits = model(input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_name: cache}, **last_only,
                        **extra, **kwargs).logits[:, -1]
@@ -88,7 +99,9 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eo
         for row, t in zip(rows.tolist(), token.tolist()):
             new[row].append(t)
         going = ~torch.isin(token, stop)
-        if step == max_new_tokens - 1 or not going.any():
+        if limits is not None:  # a row at its own limit leaves as an ended one does
+            going &= limits[rows] > step + 1
+        if step == steps - 1 or not going.any():
             break
         if not going.all():  # rows that ended leave the batch, its cache and its routing state
             keep = going.nonzero().squeeze(1)

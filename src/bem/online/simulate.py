@@ -65,17 +65,19 @@ class Server:
 
     @torch.no_grad()
     def replies(self, pairs: list[tuple[str, dict]]) -> list[str]:
-        out = [""] * len(pairs)
+        """Greedy replies to (task, item) pairs: one generate call for all tasks, each row up to its task's limit
+        (per-row limits give each reply what a call of its task alone gives; batches are fuller on a mixed stream)."""
+        if not pairs:
+            return []
+        side = [None] * len(pairs)
         for task in dict.fromkeys(t for t, _ in pairs):
             idx = [i for i, (t, _) in enumerate(pairs) if t == task]
-            items = [pairs[i][1] for i in idx]
-            side = self.side(task, items)
-            texts = generate(self.model, self.tokenizer, [SPECS[task].prompt(it) for it in items],
-                             SPECS[task].max_new_tokens, self.batch_size,
-                             side=None if side is None else torch.tensor(side), desc=f"serve {task}")
-            for i, text in zip(idx, texts):
-                out[i] = text
-        return out
+            rows = self.side(task, [pairs[i][1] for i in idx])
+            for i, row in zip(idx, rows or [None] * len(idx)):
+                side[i] = row
+        return generate(self.model, self.tokenizer, [SPECS[t].prompt(it) for t, it in pairs],
+                        [SPECS[t].max_new_tokens for t, _ in pairs], self.batch_size,
+                        side=None if side[0] is None else torch.tensor(side), desc="serve")
 
     def scores(self, sets: dict[str, list[dict]]) -> dict[str, list[float]]:
         pairs = [(t, it) for t, items in sets.items() for it in items]
