@@ -155,3 +155,12 @@ def test_compiled_kernel_on_cuda(monkeypatch):
     for variant in ("anchor", "v1_dynrank", "all"):
         _check_model(monkeypatch, "llama", variant, "cuda", "fp32")
     _check_model(monkeypatch, "llama", "anchor", "cuda", "bf16")
+
+
+def test_a_bad_bem_fused_value_is_one_error_naming_it(monkeypatch):
+    from bem.errors import BEMError
+
+    monkeypatch.setattr(fused, "_ENABLED", None)
+    monkeypatch.setenv("BEM_FUSED", "off")
+    with pytest.raises(BEMError, match="BEM_FUSED='off' is not allowed; expected 1 .* or 0"):
+        fused._enabled()

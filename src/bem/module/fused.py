@@ -27,7 +27,22 @@ try:  # Triton ships with torch's CUDA wheels; the CPU wheel has none (then the 
 except ImportError:  # pragma: no cover - depends on the installed wheels
     triton = None
 
-_ENABLED = os.environ.get("BEM_FUSED", "1") != "0"
+_ENABLED: bool | None = None  # from BEM_FUSED when first asked (a bad value is then one error line, not an import error)
+
+
+def _enabled() -> bool:
+    global _ENABLED
+    if _ENABLED is None:
+        flag = os.environ.get("BEM_FUSED", "1")
+        if flag not in ("0", "1"):
+            from bem.errors import BEMError
+
+            raise BEMError(f"environment variable BEM_FUSED={flag!r} is not allowed; expected 1 (the fused kernel on "
+                           "CUDA, the default) or 0 (the torch path everywhere)")
+        _ENABLED = flag == "1"
+    return _ENABLED
+
+
 DEVICES = ("cuda",)  # where the kernel runs compiled; tests add "cpu" under TRITON_INTERPRET=1
 
 
@@ -35,7 +50,7 @@ DEVICES = ("cuda",)  # where the kernel runs compiled; tests add "cpu" under TRI
 def enabled(flag: bool):
     """Switch the fused path on or off inside the block (e.g. to time or test the reference on CUDA)."""
     global _ENABLED
-    before, _ENABLED = _ENABLED, flag
+    before, _ENABLED = _enabled(), flag
     try:
         yield
     finally:
@@ -51,7 +66,7 @@ def compute_dtype(x: torch.Tensor, layer) -> torch.dtype:
 def usable(x: torch.Tensor, layer, y: torch.Tensor) -> bool:
     """Whether `layer`'s forward on `x` (base output `y`) runs the fused kernel (see the module doc): fp32 or bf16
     input, products and output (fp16 takes the torch path)."""
-    return (_ENABLED and triton is not None and x.device.type in DEVICES and getattr(layer, "fusable", False)
+    return (x.device.type in DEVICES and triton is not None and _enabled() and getattr(layer, "fusable", False)
             and not (torch.is_grad_enabled() and (x.requires_grad or layer.U.requires_grad or layer.V.requires_grad))
             and compute_dtype(x, layer) in COMPUTE_DTYPES and x.dtype in COMPUTE_DTYPES and y.dtype in COMPUTE_DTYPES)
 
