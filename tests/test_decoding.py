@@ -226,6 +226,54 @@ def test_per_row_limits_equal_each_limit_alone(arch):
     assert all(tokens == full[row][:limit] for row, (tokens, limit) in enumerate(zip(got, limits)))
 
 
+def test_nucleus_samples_only_the_nucleus_in_proportion():
+    """Known answer: p = (0.5, 0.3, 0.15, 0.05) with top_p = 0.8 keeps the first two tokens, drawn 5:3; top_p → 0 is
+    the argmax; temperature sharpens as softmax(logits / T); the same seed draws the same tokens."""
+    from bem.evaluate import nucleus
+
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(20_000, 4)
+    draws = nucleus(1.0, 0.8, torch.Generator().manual_seed(0))(logits)
+    assert set(draws.tolist()) == {0, 1}
+    assert (draws == 0).float().mean().item() == pytest.approx(0.625, abs=0.015)
+    cold = nucleus(0.5, 1.0, torch.Generator().manual_seed(0))(logits)  # p ∝ (25, 9, 2.25, 0.25)
+    assert (cold == 0).float().mean().item() == pytest.approx(25 / 36.5, abs=0.015)
+    wide = torch.randn(64, 50, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(nucleus(1.0, 1e-6, torch.Generator())(wide), wide.argmax(-1))
+    again = nucleus(1.0, 0.8, torch.Generator().manual_seed(0))(logits)
+    assert torch.equal(draws, again)
+    for bad in ((0.0, 0.9), (1.0, 0.0), (1.0, 1.5)):
+        with pytest.raises(ValueError, match="temperature > 0 and 0 < top_p"):
+            nucleus(*bad)
+
+
+def test_sampled_decoding_with_dropped_rows_draws_from_each_rows_own_distribution(arch):
+    """Sampling through greedy(pick=nucleus): rows leave the batch as they end, and every sampled token lies in the
+    nucleus of the full (uncached) forward of its own row's prefix: the cache and routing state stay right."""
+    from bem.evaluate import greedy, nucleus
+
+    model = routed_tiny(arch, prefix_scope="chunk", hysteresis_tau=0.01)
+    ids = torch.randint(3, 128, (6, 7), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    for row, pads in enumerate((3, 0, 2, 5, 1, 0)):
+        ids[row, :pads], mask[row, :pads] = 0, 0
+    kwargs = {"bem_prompt_len": mask.sum(1), "bem_side": torch.randn(6, 3, generator=torch.Generator().manual_seed(7))}
+    temperature, top_p = 0.3, 0.6
+    got = greedy(model, ids, mask, 10, [5, 9, 17], pick=nucleus(temperature, top_p, torch.Generator().manual_seed(3)),
+                 **kwargs)
+    assert min(len(r) for r in got) < max(len(r) for r in got)  # some rows ended before others
+    for row, tokens in enumerate(got):
+        pads = int((mask[row] == 0).sum())
+        prompt = ids[row, pads:]
+        for t, token in enumerate(tokens):
+            seq = torch.cat([prompt, torch.tensor(tokens[:t], dtype=torch.long)]).unsqueeze(0)
+            with torch.no_grad():
+                logits = model(input_ids=seq, bem_prompt_len=torch.tensor([len(prompt)]),
+                               bem_side=kwargs["bem_side"][row:row + 1]).logits[0, -1]
+            p, order = torch.softmax(logits / temperature, -1).sort(descending=True)
+            allowed = order[(p.cumsum(-1) - p) < top_p + 1e-4].tolist()
+            assert token in allowed, f"row {row} step {t}"
+
+
 def test_select_rows_keeps_the_remaining_rows_routing():
     """After dropping rows, the stream state of the kept rows is exactly the state they would have alone."""
     model = routed_tiny("llama", prefix_scope="chunk", hysteresis_tau=0.01)

@@ -372,3 +372,22 @@ def test_gates_alpha_is_the_level_the_verdicts_use(tmp_path):
     reasons = [r for v in analyze(tmp_path, n_resamples=200)["verdicts"] for r in v["reasons"]]
     assert any("is not < 0.5 (gates.alpha)" in r for r in reasons)
     assert not any("is not < 0.05" in r for r in reasons)
+
+
+def test_the_wall_clock_ends_at_a_runs_last_committed_work_conditions_included(tmp_path, monkeypatch):
+    """Work committed after a run's last unit (index-swap or knob conditions) counts in its wall clock; a database
+    of an earlier BEM (no run_marks) still reads, ending at its units."""
+    import bem.experiments.results as results
+    from bem.experiments.results import wall_clock
+
+    clock = iter([100.0, 160.0, 400.0, 1000.0])
+    monkeypatch.setattr(results.time, "time", lambda: next(clock))
+    db = ResultsDB(tmp_path / "results.sqlite")
+    run = db.start_run("bem run", False)  # t = 100
+    row = {"task": "wordnet_qa", "id": "a", "prediction": "x", "scores": {"f1": 1.0}}
+    unit = db.write_unit(run, "e", "h", {}, 0, [row], [], [], 1.0, 1.0)  # unit at 160, its mark at 400
+    db.write_condition(unit, "knob=0", [row])  # at 1000: after the last unit
+    assert wall_clock(db.conn) == [(run, 900.0, 1)]
+    db.conn.execute("DROP TABLE run_marks")  # as an older BEM wrote it
+    assert wall_clock(db.conn) == [(run, 60.0, 1)]
+    db.close()

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int | list[int], batch_size: int = 16,
              side: torch.Tensor | None = None, desc: str = "generate",
-             bem_mask: torch.Tensor | None = None) -> list[str]:
-    """Greedy replies to chat prompts, batched by length with left padding and the KV cache.
+             bem_mask: torch.Tensor | None = None, pick=None) -> list[str]:
+    """Greedy replies to chat prompts, batched by length with left padding and the KV cache (sampled ones when
+    `pick` is given, e.g. `nucleus(...)`: it maps the batch's last logits (b, V) to one token per row).
 
     `max_new_tokens` is one limit for all, or one per prompt (prompts of several tasks in one call: a row leaves the
     batch at its own limit, so its reply is what a call with its limit alone gives).
@@ -61,7 +62,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int | list[in
                 kwargs["bem_mask"] = bem_mask[idx].to(device)
         batch_limits = [limits[i] for i in idx]
         out = greedy(model, ids.to(device), mask.to(device),
-                     batch_limits[0] if len(set(batch_limits)) == 1 else batch_limits, eos, **kwargs)
+                     batch_limits[0] if len(set(batch_limits)) == 1 else batch_limits, eos, pick=pick, **kwargs)
         for row, i in enumerate(idx):
             replies[i] = tokenizer.decode(out[row], skip_special_tokens=True)
     return replies
@@ -69,7 +70,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int | list[in
 
 @torch.no_grad()
 def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | list[int], eos: list[int],
-           **kwargs) -> list[list[int]]:
+           pick=None, **kwargs) -> list[list[int]]:
     """Greedy continuation of a left-padded batch: each row's new tokens, up to and including its first end token,
     at most `max_new_tokens` (one limit, or one per row).
 
@@ -77,6 +78,7 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | l
     batch, its KV cache and BEM's routing state (`BEMRuntime.select_rows`), so the remaining rows' steps get cheaper
     instead of computing pads until the longest reply ends. Only the last position's logits are computed.
     `kwargs` (bem_prompt_len, bem_side, bem_mask: one row per sequence) go to every call, as generate passes them.
+    `pick` (logits (b, V) → tokens (b,)) replaces the argmax, e.g. `nucleus(...)` to sample with the same row dropping.
     """
     from transformers import DynamicCache
 
@@ -95,7 +97,7 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | l
         extra = {"position_ids": (mask.cumsum(1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]} if takes_positions else {}
         logits = model(input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_name: cache}, **last_only,
                        **extra, **kwargs).logits[:, -1]
-        token = logits.argmax(-1)
+        token = logits.argmax(-1) if pick is None else pick(logits)
         for row, t in zip(rows.tolist(), token.tolist()):
             new[row].append(t)
         going = ~torch.isin(token, stop)
@@ -113,6 +115,22 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | l
         step_ids = token.unsqueeze(1)
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
     return new
+
+
+def nucleus(temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None):
+    """A `pick` for `greedy`/`generate` that samples each row's token from softmax(logits / temperature) restricted
+    to its nucleus: the most probable tokens whose mass first reaches `top_p` (the most probable token always
+    stays), as Hugging Face's `top_p` with `top_k=0`. Seeded through `generator` (on the logits' device)."""
+    if not temperature > 0 or not 0 < top_p <= 1:
+        raise ValueError(f"nucleus sampling needs temperature > 0 and 0 < top_p ≤ 1; got {temperature}, {top_p}")
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits.float() / temperature, -1)
+        p, order = probs.sort(-1, descending=True)
+        p = p * ((p.cumsum(-1) - p) < top_p)  # the mass before a token is below top_p: it is in the nucleus
+        return order.gather(-1, torch.multinomial(p, 1, generator=generator)).squeeze(1)
+
+    return pick
 
 
 # SPEC §6 index swap: the evidence (prompt) and evidence features (side input) an item is evaluated with

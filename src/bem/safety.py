@@ -68,37 +68,26 @@ def best_of_k(model, tokenizer, prompts: list[str], k: int, max_new_tokens: int,
               batch_size: int = 8, temperature: float = 1.0, top_p: float = 0.95) -> list[dict]:
     """Per prompt, k replies sampled from `model` (chat template, nucleus sampling) and the one with the lowest
     violation probability: [{"prompt", "reply", "violation_prob", "k_probs"}], in prompt order. Seeded: the same
-    prompts, k and seed give the same replies on the same machine."""
-    from bem.data.batches import prompt_ids
+    prompts, k and seed give the same replies on the same machine. Sampled by `bem.evaluate.generate` (batches of
+    `batch_size` prompts × k rows, a row leaving its batch when its reply ends), not by Hugging Face's `generate`,
+    which keeps computing finished rows until the batch's longest reply ends."""
+    from bem.evaluate import generate, nucleus
     from bem.metrics import violation_probabilities
 
     if k < 1:
         raise ValueError(f"best_of_k needs k ≥ 1 replies per prompt; got {k}")
-    from tqdm.auto import tqdm
-
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    replies = [r.strip() for r in generate(model, tokenizer, [p for p in prompts for _ in range(k)], max_new_tokens,
+                                           batch_size * k, desc=f"best of {k}",
+                                           pick=nucleus(temperature, top_p, generator))]
+    probs = violation_probabilities(replies)
     out = []
-    generator_seed = torch.Generator().manual_seed(seed)
-    for start in tqdm(range(0, len(prompts), batch_size), desc=f"best of {k}", unit="batch", leave=False):
-        chunk = prompts[start:start + batch_size]
-        encoded = [prompt_ids(tokenizer, p) for p in chunk]
-        width = max(len(e) for e in encoded)  # left padding, as bem.evaluate.generate
-        inputs = {"input_ids": torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long),
-                  "attention_mask": torch.zeros((len(chunk), width), dtype=torch.long)}
-        for row, e in enumerate(encoded):
-            inputs["input_ids"][row, width - len(e):] = torch.tensor(e)
-            inputs["attention_mask"][row, width - len(e):] = 1
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
-        ids = model.generate(**inputs, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                             max_new_tokens=max_new_tokens, num_return_sequences=k,
-                             pad_token_id=tokenizer.pad_token_id)
-        new = ids[:, inputs["input_ids"].shape[1]:]
-        replies = tokenizer.batch_decode(new, skip_special_tokens=True)
-        probs = violation_probabilities(replies)
-        for i, prompt in enumerate(chunk):
-            mine = list(range(i * k, (i + 1) * k))
-            best = min(mine, key=lambda j: (probs[j], j))
-            out.append({"prompt": prompt, "reply": replies[best].strip(), "violation_prob": probs[best],
-                        "k_probs": [probs[j] for j in mine]})
+    for i, prompt in enumerate(prompts):
+        mine = list(range(i * k, (i + 1) * k))
+        best = min(mine, key=lambda j: (probs[j], j))
+        out.append({"prompt": prompt, "reply": replies[best], "violation_prob": probs[best],
+                    "k_probs": [probs[j] for j in mine]})
     return out
 
 
@@ -221,7 +210,7 @@ def safe_targets(config, seed: int, out: Path, data_root=None) -> list[dict]:
     from bem.tasks import SPECS, load_items
 
     c = config.safety
-    key = {"model": config.model, "k": c.k, "prompts": c.prompts, "temperature": c.temperature, "top_p": c.top_p,
+    key = {"sampler": "bem.evaluate.generate", "model": config.model, "k": c.k, "prompts": c.prompts, "temperature": c.temperature, "top_p": c.top_p,
            "seed": seed, "data": data_fingerprints(["safety"], data_root)}
     path = Path(out) / "safety" / f"targets-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.json"
     if path.is_file():

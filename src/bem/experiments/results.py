@@ -55,6 +55,9 @@ CREATE TABLE IF NOT EXISTS online_items (stream TEXT, system TEXT, idx INTEGER, 
     version INTEGER, score REAL, observed REAL, prediction TEXT, UNIQUE (stream, system, idx));
 CREATE TABLE IF NOT EXISTS online_events (stream TEXT, system TEXT, idx INTEGER, kind TEXT, json TEXT);
 CREATE TABLE IF NOT EXISTS online_steps (stream TEXT, system TEXT, offset INTEGER, UNIQUE (stream, system, offset));
+-- the time of a run's last committed work of any kind (a unit, an index-swap or knob condition, routing statistics):
+-- the end of its wall clock, which units.finished alone misses for work done after the last unit
+CREATE TABLE IF NOT EXISTS run_marks (run_id INTEGER PRIMARY KEY REFERENCES runs(id), last REAL);
 CREATE TABLE IF NOT EXISTS leases (experiment TEXT, config_hash TEXT, data_fingerprint TEXT, seed INTEGER, pid INTEGER,
     host TEXT, started REAL, PRIMARY KEY (experiment, config_hash, data_fingerprint, seed));
 """
@@ -220,6 +223,7 @@ class ResultsDB:
 
     def __init__(self, path: Path, create: bool = True):
         self.path = Path(path)
+        self.run_id: int | None = None  # set by start_run: whose work _mark records
         if not self.path.is_file():
             if not create:
                 raise DatabaseError(f"{self.path}: no results database here",
@@ -248,9 +252,16 @@ class ResultsDB:
         self.conn.close()
 
     def start_run(self, command: str, quick: bool) -> int:
+        """A new `bem run` invocation; the work this connection commits afterwards is marked as its (run_marks)."""
         with self.conn:
-            return self.conn.execute("INSERT INTO runs (started, command, quick) VALUES (?, ?, ?)",
-                                     (time.time(), command, int(quick))).lastrowid
+            self.run_id = self.conn.execute("INSERT INTO runs (started, command, quick) VALUES (?, ?, ?)",
+                                            (time.time(), command, int(quick))).lastrowid
+        return self.run_id
+
+    def _mark(self) -> None:
+        """Inside a write's transaction: the current run (if any) committed work now."""
+        if self.run_id is not None:
+            self.conn.execute("INSERT OR REPLACE INTO run_marks VALUES (?, ?)", (self.run_id, time.time()))
 
     def finished(self, experiment: str, config_hash: str, seed: int, data: str | None) -> bool:
         return self.unit_id(experiment, config_hash, seed, data) is not None
@@ -312,9 +323,11 @@ class ResultsDB:
             self.conn.executemany(
                 "INSERT INTO metrics VALUES (?, ?, ?, ?)",
                 [(unit, s["task"], name, value) for s in summaries
-                 for name, value in {**s["means"], **s["corpus"], "seconds_per_item": s["seconds"] / s["n"]}.items()])
+                 for name, value in {**s["means"], **s["corpus"], **({} if s.get("seconds") is None else
+                                                                      {"seconds_per_item": s["seconds"] / s["n"]})}.items()])
             self.conn.executemany("INSERT INTO curves VALUES (?, ?, ?, ?, ?)",
                                   [(unit, c["step"], c["loss"], c["lr"], c["grad_norm"]) for c in curve])
+            self._mark()
         return unit
 
     def write_router_curve(self, unit_id: int, rows: list[dict]) -> None:
@@ -390,6 +403,7 @@ class ResultsDB:
                 "INSERT INTO condition_scores VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(unit_id, condition, r["task"], r["id"], metric, value, r["prediction"])
                  for r in rows for metric, value in r["scores"].items()])
+            self._mark()
 
     # --- is routing alive (bem.routing_stats) ----------------------------------------------------
     def write_routing(self, unit_id: int, task: str, stats: dict[str, dict[str, float]]) -> None:
@@ -401,6 +415,7 @@ class ResultsDB:
             self.conn.executemany("INSERT INTO routing VALUES (?, ?, ?, ?, ?)",
                                   [(unit_id, task, site, stat, float(value))
                                    for site, values in stats.items() for stat, value in values.items()])
+            self._mark()
 
     def predictions(self, unit_id: int, task: str, metric: str) -> list[dict]:
         """[{"id", "prediction"}] of a unit's clean evaluation on a task (one row per item, in stored order)."""
@@ -433,11 +448,20 @@ def _alive(pid: int, host: str) -> bool:
 
 
 def wall_clock(conn) -> list[tuple[int, float, int]]:
-    """(run id, seconds from the run's start to its last committed unit, units committed) for every `bem run` of the
-    folder that committed a unit: the wall clock of the whole job, work that stores no unit of its own included."""
-    return [(run, last - started, n) for run, started, last, n in conn.execute(
-        "SELECT r.id, r.started, MAX(u.finished), COUNT(u.id) FROM runs r JOIN units u ON u.run_id = r.id "
-        "GROUP BY r.id ORDER BY r.id")]
+    """(run id, seconds from the run's start to its last committed work, units committed) for every `bem run` of the
+    folder that committed something: the wall clock of the whole job. The last work is the later of its last unit
+    and its last mark (run_marks: conditions, routing statistics); a database written before run_marks existed has
+    units only, so work after a run's last unit is missed there."""
+    marks = conn.execute("SELECT 1 FROM sqlite_master WHERE name='run_marks'").fetchone() is not None
+    units = {run: (last, n) for run, last, n in conn.execute(
+        "SELECT run_id, MAX(finished), COUNT(id) FROM units GROUP BY run_id")}
+    last_mark = dict(conn.execute("SELECT run_id, last FROM run_marks")) if marks else {}
+    out = []
+    for run, started in conn.execute("SELECT id, started FROM runs ORDER BY id"):
+        ends = [t for t in (units.get(run, (None, 0))[0], last_mark.get(run)) if t is not None]
+        if ends:
+            out.append((run, max(ends) - started, units.get(run, (None, 0))[1]))
+    return out
 
 
 def wall_clock_lines(wall: list[tuple[int, float, int]]) -> list[str]:
@@ -446,5 +470,5 @@ def wall_clock_lines(wall: list[tuple[int, float, int]]) -> list[str]:
         return []
     total = sum(seconds for _, seconds, _ in wall)
     return ["", f"Wall clock of the job: {total / 60:.0f} min over {len(wall)} `bem run` invocation(s) (each from its "
-            "start to its last committed unit, on the machine that ran it; time lost to a killed run is not "
+            "start to its last committed work, on the machine that ran it; time lost to a killed run is not "
             "included): " + "; ".join(f"run {run}: {seconds / 60:.0f} min, {n} units" for run, seconds, n in wall) + "."]

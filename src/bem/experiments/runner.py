@@ -194,7 +194,7 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
 
         rk = config.bem.rank - config.safety.block_rank
         summaries.append({"task": "orthogonality", "means": orthogonality(unit.model, rk), "corpus": {}, "n": 1,
-                          "seconds": 0.0})
+                          "seconds": None})  # not a timed evaluation: no seconds_per_item
         extra = adapter_extra(config)
     save_bem(unit.model, out / "adapters" / name, extra=extra)
     unit_id = db.write_unit(run_id, config.name, config.config_hash(), config.to_dict(), seed, rows, summaries,
