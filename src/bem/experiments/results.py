@@ -458,9 +458,10 @@ def wall_clock(conn) -> list[tuple[int, float, int]]:
     last_mark = dict(conn.execute("SELECT run_id, last FROM run_marks")) if marks else {}
     out = []
     for run, started in conn.execute("SELECT id, started FROM runs ORDER BY id"):
-        ends = [t for t in (units.get(run, (None, 0))[0], last_mark.get(run)) if t is not None]
+        last_unit, n = units.get(run, (None, 0))
+        ends = [t for t in (last_unit, last_mark.get(run)) if t is not None]
         if ends:
-            out.append((run, max(ends) - started, units.get(run, (None, 0))[1]))
+            out.append((run, max(ends) - started, n))
     return out
 
 
