@@ -113,6 +113,12 @@ def test_stream_served_by_three_systems(one_pass):
     conn = sqlite3.connect(one_pass / "results.sqlite")
     units = {n for (n,) in conn.execute("SELECT experiment FROM units")}
     assert {"tol", "online/frozen", "online/naive", "tlive", "tbank"} <= units
+    # the bank, trained first as the live unit's init, is its own unit's time: the live unit's seconds fit between
+    # the two units' commits (they once included the bank's)
+    (bank_done,), (live_seconds, live_done) = (conn.execute(
+        f"SELECT {cols} FROM units WHERE experiment = ?", (name,)).fetchone()
+        for cols, name in (("finished", "tbank"), ("train_seconds + eval_seconds, finished", "tlive")))
+    assert 0 < live_seconds <= live_done - bank_done + 0.05
     assert (one_pass / "report.md").is_file()
 
 

@@ -465,11 +465,11 @@ def wall_clock(conn) -> list[tuple[int, float, int]]:
     return out
 
 
-def wall_clock_lines(wall: list[tuple[int, float, int]]) -> list[str]:
+def wall_clock_lines(wall: list[tuple[int, float, int]], command: str = "bem run") -> list[str]:
     """The report's sentence on the job's wall clock (see wall_clock); none for a folder without runs."""
     if not wall:
         return []
     total = sum(seconds for _, seconds, _ in wall)
-    return ["", f"Wall clock of the job: {total / 60:.0f} min over {len(wall)} `bem run` invocation(s) (each from its "
+    return ["", f"Wall clock of the job: {total / 60:.0f} min over {len(wall)} `{command}` invocation(s) (each from its "
             "start to its last committed work, on the machine that ran it; time lost to a killed run is not "
             "included): " + "; ".join(f"run {run}: {seconds / 60:.0f} min, {n} units" for run, seconds, n in wall) + "."]

@@ -171,9 +171,10 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
         from bem.safety import safety_hooks
 
         hooks = safety_hooks(db, run_id, config, seed, out, data_root)
+    init = _bank_init(db, run_id, config, seed, out, data_root)  # a bank trained here is its own unit's time, not ours
     start = time.perf_counter()
     unit = train_unit(config, seed, checkpoint, data_root, identity={"config_hash": config.config_hash(), "data": data},
-                      init=_bank_init(db, run_id, config, seed, out, data_root), hooks=hooks)
+                      init=init, hooks=hooks)
     train_seconds = time.perf_counter() - start
     if not unit.is_main:  # under DDP only the main process evaluates and writes
         return -1
