@@ -31,3 +31,26 @@ def test_static_bem_equals_peft_lora(arch):
     assert expected.abs().max() > 0
     assert (expected - tiny(arch)(ids).logits).abs().max() > 1e-3  # the adapter really changes the output
     assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_greedy_reaches_through_a_peft_wrapper():
+    """A PEFT model's forward takes **kwargs: the cache, position ids and logits_to_keep still reach its base model
+    under their own names (no deprecated `past_key_values`), and a left-padded batch decodes as each row alone."""
+    import warnings
+
+    from bem.evaluate import cache_name, forward_parameters, greedy
+
+    peft_model = get_peft_model(tiny("llama"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                          target_modules=["o_proj", "down_proj"])).eval()
+    assert {"position_ids", "logits_to_keep"} <= set(forward_parameters(peft_model))
+    assert cache_name(peft_model) == "cache"
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    ids[0, :4], mask[0, :4] = 0, 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batch = greedy(peft_model, ids, mask, 8, eos=[127])
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    for row, start in enumerate((4, 0)):
+        alone = greedy(peft_model, ids[row:row + 1, start:], mask[row:row + 1, start:], 8, eos=[127])
+        assert batch[row] == alone[0]

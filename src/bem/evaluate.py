@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,20 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int | list[in
     return replies
 
 
+def forward_parameters(model) -> Mapping[str, inspect.Parameter]:
+    """The parameters of the forward that finally runs. A PEFT wrapper's forward takes `**kwargs` and hands them on,
+    so it is looked through to its base model's: the cache (`cache` since transformers 5.24, `past_key_values`
+    before), `position_ids` and `logits_to_keep` then reach a PEFT model (Arrow, LoRA) under their own names."""
+    while hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return inspect.signature(model.forward).parameters
+
+
+def cache_name(model) -> str:
+    """The keyword the model's forward takes its KV cache under (transformers 5.24 renamed it)."""
+    return "cache" if "cache" in forward_parameters(model) else "past_key_values"
+
+
 @torch.no_grad()
 def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | list[int], eos: list[int],
            pick=None, **kwargs) -> list[list[int]]:
@@ -83,10 +98,9 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | l
     from transformers import DynamicCache
 
     cache, runtime = DynamicCache(), getattr(model, "_bem_runtime", None)
-    accepted = inspect.signature(model.forward).parameters
+    accepted = forward_parameters(model)
     takes_positions = "position_ids" in accepted
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
-    cache_name = "cache" if "cache" in accepted else "past_key_values"  # transformers 5.24 renamed it
     rows = torch.arange(len(ids), device=ids.device)  # batch row → input row
     new: list[list[int]] = [[] for _ in range(len(ids))]
     stop = torch.tensor(eos, device=ids.device)
@@ -95,7 +109,7 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | l
     step_ids = ids
     for step in range(steps):
         extra = {"position_ids": (mask.cumsum(1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]} if takes_positions else {}
-        logits = model(input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_name: cache}, **last_only,
+        logits = model(input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_name(model): cache}, **last_only,
                        **extra, **kwargs).logits[:, -1]
         token = logits.argmax(-1) if pick is None else pick(logits)
         for row, t in zip(rows.tolist(), token.tolist()):

@@ -30,6 +30,7 @@ import psutil
 import torch
 
 from bem import attach_bem
+from bem.evaluate import cache_name
 from bem.experiments.config import ExperimentConfig
 from bem.models import load_base
 
@@ -118,7 +119,7 @@ def _one_pass(subject: _Subject, decode_steps: int) -> tuple[float, list[float]]
     for _ in range(decode_steps):
         _sync(device)
         s0 = time.perf_counter()
-        out = model(token, past_key_values=cache, use_cache=True)
+        out = model(token, **{cache_name(model): cache}, use_cache=True)
         _sync(device)
         steps.append(time.perf_counter() - s0)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)

@@ -22,7 +22,6 @@ With a top-k mask (V1) the code is c·m, so masked directions count as |0 − 1|
 """
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ import torch
 from bem.module.attach import bem_layers, bem_runtime, find_blocks
 from bem.data.batches import prompt_ids
 from bem.data.prepare import data_root, read_split
+from bem.evaluate import forward_parameters
 from bem.tasks import SPECS, side_vectors
 
 MOVED_THRESHOLD = 0.01
@@ -60,7 +60,7 @@ def _routed_segments(model, tokenizer, prompts: list[str], replies: list[str], s
     replies_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]) + len(replies_ids[i]))
     device = next(model.parameters()).device
-    keep_logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
     samples, seen = [], {}
     read = runtime.read
 

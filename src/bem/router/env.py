@@ -12,7 +12,6 @@ inside the forward (a controller, a router's policy, nothing) is not its busines
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import re
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from bem.data.batches import prompt_ids
 from bem.data.prepare import SPLITS, data_root, split_lines
 from bem.errors import DataError
+from bem.evaluate import cache_name, forward_parameters
 from bem.tasks import SPECS, load_items, side_layout, side_vectors, side_width
 
 ROUTER_TASKS = ("wordnet_qa", "bible_translate", "wordnet_define", "json_format")
@@ -342,14 +342,13 @@ def _close(reply: list[int], eos: set[int]) -> list[int]:
 
 def _forward(model, cache, kwargs: dict):
     """A function (ids, mask) → last-position logits of a cached call, as `bem.evaluate.greedy` calls the model."""
-    accepted = inspect.signature(model.forward).parameters
-    cache_name = "cache" if "cache" in accepted else "past_key_values"
+    accepted = forward_parameters(model)
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
 
     def call(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         positions = {"position_ids": (mask.cumsum(1) - 1).clamp_min(0)[:, -ids.shape[1]:]} \
             if "position_ids" in accepted else {}
-        return model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_name: cache}, **last_only,
+        return model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_name(model): cache}, **last_only,
                      **positions, **kwargs).logits[:, -1]
 
     return call

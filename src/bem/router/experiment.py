@@ -18,7 +18,6 @@ primary metric), `reward` (score − λ · switches), `switches`, `part1`, `part
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -581,7 +580,9 @@ def _step_time(m, batch: tuple, routed: bool, steps: int) -> float:
 
     ids, mask, side = batch
     extra = {"bem_prompt_len": mask.sum(1), "bem_side": side} if routed else {}
-    name = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
+    from bem.evaluate import cache_name
+
+    name = cache_name(m)
     cache, times = DynamicCache(), []
     with torch.no_grad():
         out = m(input_ids=ids, attention_mask=mask, **{name: cache}, use_cache=True, **extra)
