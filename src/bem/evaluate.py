@@ -101,6 +101,7 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | l
     accepted = forward_parameters(model)
     takes_positions = "position_ids" in accepted
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    cache_kw = cache_name(model)
     rows = torch.arange(len(ids), device=ids.device)  # batch row → input row
     new: list[list[int]] = [[] for _ in range(len(ids))]
     stop = torch.tensor(eos, device=ids.device)
@@ -109,7 +110,7 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | l
     step_ids = ids
     for step in range(steps):
         extra = {"position_ids": (mask.cumsum(1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]} if takes_positions else {}
-        logits = model(input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_name(model): cache}, **last_only,
+        logits = model(input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_kw: cache}, **last_only,
                        **extra, **kwargs).logits[:, -1]
         token = logits.argmax(-1) if pick is None else pick(logits)
         for row, t in zip(rows.tolist(), token.tolist()):

@@ -344,11 +344,12 @@ def _forward(model, cache, kwargs: dict):
     """A function (ids, mask) → last-position logits of a cached call, as `bem.evaluate.greedy` calls the model."""
     accepted = forward_parameters(model)
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    cache_kw = cache_name(model)
 
     def call(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         positions = {"position_ids": (mask.cumsum(1) - 1).clamp_min(0)[:, -ids.shape[1]:]} \
             if "position_ids" in accepted else {}
-        return model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_name(model): cache}, **last_only,
+        return model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kw: cache}, **last_only,
                      **positions, **kwargs).logits[:, -1]
 
     return call
