@@ -126,8 +126,14 @@ def test_restored_adapter_equals_the_saved_one(tiny_setup, tmp_path, monkeypatch
     conn = sqlite3.connect(out / "results.sqlite")
     with conn:
         conn.execute("UPDATE curves SET loss = loss + 0.5 WHERE step = 3")
-    with pytest.raises(AdapterMismatch, match="differs from the stored curve"):
+    with pytest.raises(AdapterMismatch, match="differs from the stored curve by .* by step 6"):
         restore_adapter(config, 0, out)
+    with conn:  # a difference in the first steps stops the restore at the first checkpoint (step 2 of 6)
+        conn.execute("UPDATE curves SET loss = loss - 0.5 WHERE step = 3")
+        conn.execute("UPDATE curves SET loss = loss + 0.5 WHERE step = 1")
+    with pytest.raises(AdapterMismatch, match="differs from the stored curve by .* by step 2 "):
+        restore_adapter(config, 0, out)
+    assert not list((out / "checkpoints").glob("restore-*"))  # nothing left to resume from
     with pytest.raises(FileNotFoundError, match="no finished unit"):
         restore_adapter(config, 1, out)
 

@@ -77,21 +77,37 @@ def restore_adapter(config: ExperimentConfig, seed: int, out: Path, data_root: P
         from bem.safety import adapter_extra, hooks_for
 
         hooks, extra = hooks_for(config, seed, out, data_root), adapter_extra(config)
-    unit = train_unit(config, seed, scratch, data_root, hooks=hooks)
-    got = [(row["step"], row["loss"]) for row in unit.curve]
-    if [s for s, _ in got] != [s for s, _ in curve]:
-        raise AdapterMismatch(f"{unit_name(config, seed, data_root)}: the restored run has steps {len(got)} but the stored "
-                              f"unit has {len(curve)}")
-    worst = max((abs(a - b) / max(abs(b), 1e-12) for (_, a), (_, b) in zip(got, curve)), default=0.0)
-    if worst > CURVE_TOLERANCE:
-        raise AdapterMismatch(f"{unit_name(config, seed, data_root)}: restored training loss differs from the stored curve by "
-                              f"{worst:.2e} (relative, allowed {CURVE_TOLERANCE:.0e}); the adapter would not be the "
-                              "one that was scored, so it is not saved")
+    # compare at the first checkpoint before spending the rest of the budget: a machine whose arithmetic differs
+    # from the one that trained the unit shows it in the first steps (the second call resumes, exactly)
+    try:
+        early = train_unit(config, seed, scratch, data_root, stop_after=min(config.training.checkpoint_every,
+                                                                            config.training.steps), hooks=hooks)
+        _check_curve(config, seed, data_root, early.curve, curve[:len(early.curve)])
+        unit = train_unit(config, seed, scratch, data_root, hooks=hooks)
+        worst = _check_curve(config, seed, data_root, unit.curve, curve)
+    except AdapterMismatch:
+        shutil.rmtree(scratch, ignore_errors=True)  # training is deterministic here: resuming it would differ again
+        raise
     log.info("%s seed %d: restored, curve equal to the stored one within %.1e", config.name, seed, worst)
     target = adapter_dir(out, config, seed, data_root)
     save_bem(unit.model, target, extra=extra)
     shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def _check_curve(config: ExperimentConfig, seed: int, data_root, rows: list[dict], stored: list) -> float:
+    """The largest relative difference between a restored run's losses and the stored curve; AdapterMismatch when the
+    steps differ or a loss differs by more than CURVE_TOLERANCE."""
+    got = [(row["step"], row["loss"]) for row in rows]
+    if [s for s, _ in got] != [s for s, _ in stored]:
+        raise AdapterMismatch(f"{unit_name(config, seed, data_root)}: the restored run has steps {len(got)} but the stored "
+                              f"unit has {len(stored)}")
+    worst = max((abs(a - b) / max(abs(b), 1e-12) for (_, a), (_, b) in zip(got, stored)), default=0.0)
+    if worst > CURVE_TOLERANCE:
+        raise AdapterMismatch(f"{unit_name(config, seed, data_root)}: restored training loss differs from the stored curve by "
+                              f"{worst:.2e} by step {got[-1][0]} (relative, allowed {CURVE_TOLERANCE:.0e}); the adapter "
+                              "would not be the one that was scored, so it is not saved")
+    return worst
 
 
 def load_trained(config: ExperimentConfig, seed: int, out: Path, data_root: Path | None = None,
