@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import psutil
 import torch
+from transformers import DynamicCache
 
 from bem import attach_bem
 from bem.evaluate import cache_name
@@ -109,20 +110,20 @@ def _subject(model, name: str, config_hash: str, batch: int, prompt_len: int, si
 def _one_pass(subject: _Subject, decode_steps: int) -> tuple[float, list[float]]:
     """One prefill of the prompt, then `decode_steps` greedy decode steps on its KV cache; seconds."""
     model, device = subject.model, subject.ids.device
+    cache, cache_kw = DynamicCache(), cache_name(model)  # filled in place by every call; looked up outside the timers
     _sync(device)
     t0 = time.perf_counter()
-    out = model(subject.ids, use_cache=True, **subject.kwargs)
+    out = model(subject.ids, use_cache=True, **{cache_kw: cache}, **subject.kwargs)
     _sync(device)
     prefill = time.perf_counter() - t0
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    steps, cache_kw = [], cache_name(model)  # looked up once, outside the timed steps
+    steps, token = [], out.logits[:, -1:].argmax(-1)
     for _ in range(decode_steps):
         _sync(device)
         s0 = time.perf_counter()
         out = model(token, **{cache_kw: cache}, use_cache=True)
         _sync(device)
         steps.append(time.perf_counter() - s0)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        token = out.logits[:, -1:].argmax(-1)
     return prefill, steps
 
 
@@ -252,7 +253,7 @@ def cache_scope(config) -> int | None:
 def kv_hit_rate(model, stream: KVStream, tolerance: float = 1e-5) -> tuple[float, int]:
     """(rate, Σ D) of SPEC §2 over `stream` (see the module docstring). Each request runs alone (no padding),
     with its real prompt length and side inputs when the model is routed."""
-    device = next(model.parameters()).device
+    device, cache_kw = next(model.parameters()).device, cache_name(model)
     caches = []
     for r, request in enumerate(stream.requests):
         ids = torch.tensor([request], device=device)
@@ -262,8 +263,9 @@ def kv_hit_rate(model, stream: KVStream, tolerance: float = 1e-5) -> tuple[float
             if model._bem_runtime.config.side_dim:
                 side = stream.side[r:r + 1] if stream.side is not None else torch.zeros(1, model._bem_runtime.config.side_dim)
                 kwargs["bem_side"] = side.to(device)
-        out = model(ids, use_cache=True, **kwargs)
-        caches.append([(layer.keys.clone(), layer.values.clone()) for layer in out.past_key_values.layers])
+        cache = DynamicCache()
+        model(ids, use_cache=True, **{cache_kw: cache}, **kwargs)
+        caches.append([(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
     shared, denominator = stream.shared, stream.denominator
     hits = 0
     for cache in caches[1:]:
