@@ -414,3 +414,30 @@ def test_corpus_comparisons_from_stored_raw_replies_use_the_first_line(tmp_path)
     assert chrf.p < 0.05 and chrf.p_signflip < 0.05  # bootstrap p (agrees with the CI) and the secondary test
     assert corpus_scores(conn, units["x"]["unit"], "bible_translate")["corpus_bleu"] == pytest.approx(
         sacrebleu.corpus_bleu(a, [refs]).score, abs=1e-9)
+
+
+def test_a_comparison_uses_only_the_seeds_both_systems_ran(tmp_path):
+    """A seed one side ran and the other did not stays out of the comparison (a bad extra seed of the baseline would
+    otherwise make the experiment look better), and the verdict says which seeds were left out."""
+    from bem.experiments.analysis import compare
+    from bem.experiments.config import ExperimentConfig
+    from bem.experiments.results import ResultsDB
+
+    rng = np.random.default_rng(0)
+    good = rng.uniform(0.2, 1.0, 150)
+    db = ResultsDB(tmp_path / "results.sqlite")
+    run = db.start_run("test", False)
+    for name, anchor, seed, scores in (("L0_lora", None, 0, good), ("L0_lora", None, 1, np.zeros(150)),
+                                       ("y", "L0_lora", 0, good + rng.normal(0, 0.01, 150))):
+        config = ExperimentConfig(name, tasks=["wordnet_qa"], anchor=anchor)
+        rows = [{"task": "wordnet_qa", "id": f"q{i}", "prediction": "x", "scores": {"f1": float(v), "em": 0.0},
+                 "reference": "x"} for i, v in enumerate(scores)]
+        db.write_unit(run, name, config.config_hash(), config.to_dict(), seed, rows, [], [], 1.0, 1.0)
+    comparisons, verdicts, _ = compare(tmp_path / "results.sqlite", n_resamples=500)
+    (c,) = [c for c in comparisons if c.experiment == "y" and c.slice == "B" and c.metric == "f1"]
+    assert c.seeds == 1 and c.mean_versus == pytest.approx(good.mean()) and abs(c.difference) < 0.01
+    assert c.low < 0 < c.high  # with L0_lora's seed 1 (all zeros) pooled in, y would be +0.3 better
+    (v,) = [v for v in verdicts if v.experiment == "y"]
+    assert v.verdict == "reject"
+    assert any("compared on the seeds both ran (0); left out: L0_lora seeds 1" in r for r in v.reasons)
+    assert any(r.startswith("single seed") for r in v.reasons)

@@ -75,22 +75,34 @@ def _units(conn) -> dict[str, dict]:
     return out
 
 
-def _item_means(conn, experiment: str, config_hash: str, task: str, metric: str) -> dict[str, float]:
-    """Per item, the mean over seeds."""
-    rows = conn.execute("SELECT s.item_id, AVG(s.value) FROM item_scores s JOIN units u ON u.id = s.unit_id "
-                        "WHERE u.experiment=? AND u.config_hash=? AND s.task=? AND s.metric=? GROUP BY s.item_id",
-                        (experiment, config_hash, task, metric)).fetchall()
-    return dict(rows)
+def shared_seeds(units: dict, name: str, versus: str) -> list[int] | None:
+    """The seeds a comparison of `name` with `versus` uses: those both ran, so that neither side's mean includes a seed
+    the other lacks (a seed fixes data order and initialisation, and one unlucky seed on one side only would decide
+    the comparison); None when they share no seed (each side's own seeds are used, unpaired)."""
+    common = sorted(set(units[name]["seeds"]) & set(units[versus]["seeds"]))
+    return common or None
 
 
-def _seed_scores(conn, experiment: str, config_hash: str, task: str, metric: str) -> list[dict[str, float]]:
-    """Per seed (in seed order), each item's score: the seed × item bootstrap's input."""
+def _seed_scores(conn, experiment: str, config_hash: str, task: str, metric: str,
+                 seeds: list[int] | None = None) -> list[dict[str, float]]:
+    """Per seed (in seed order; only `seeds` when given), each item's score: the seed × item bootstrap's input."""
     by_seed: dict[int, dict[str, float]] = {}
     for seed, item, value in conn.execute(
             "SELECT u.seed, s.item_id, s.value FROM item_scores s JOIN units u ON u.id = s.unit_id WHERE "
             "u.experiment=? AND u.config_hash=? AND s.task=? AND s.metric=?", (experiment, config_hash, task, metric)):
-        by_seed.setdefault(seed, {})[item] = value
+        if seeds is None or seed in seeds:
+            by_seed.setdefault(seed, {})[item] = value
     return [scores for _, scores in sorted(by_seed.items())]
+
+
+def _item_means(conn, experiment: str, config_hash: str, task: str, metric: str,
+                seeds: list[int] | None = None) -> dict[str, float]:
+    """Per item, the mean over seeds (only `seeds` when given) that scored it."""
+    totals: dict[str, list[float]] = {}
+    for scores in _seed_scores(conn, experiment, config_hash, task, metric, seeds):
+        for item, value in scores.items():
+            totals.setdefault(item, []).append(value)
+    return {item: float(np.mean(values)) for item, values in totals.items()}
 
 
 def compare(db_path: Path, n_resamples: int = 10_000,
@@ -126,13 +138,13 @@ def compare(db_path: Path, n_resamples: int = 10_000,
     rows = []  # (name, versus, task, slice, metric, ids, a, b, sign, (A, B) seeds × items or None)
     for name, versus in pairs:
         for task in units[name]["config"]["tasks"]:
-            metric = SPECS[task].primary
-            ours = _item_means(conn, name, units[name]["hash"], task, metric)
-            theirs = _item_means(conn, versus, units[versus]["hash"], task, metric)
+            metric, seeds = SPECS[task].primary, shared_seeds(units, name, versus)
+            ours = _item_means(conn, name, units[name]["hash"], task, metric, seeds)
+            theirs = _item_means(conn, versus, units[versus]["hash"], task, metric, seeds)
             common = sorted(set(ours) & set(theirs))
             if hierarchical:  # only items that every seed of both systems scored
-                seeds_ours = _seed_scores(conn, name, units[name]["hash"], task, metric)
-                seeds_theirs = _seed_scores(conn, versus, units[versus]["hash"], task, metric)
+                seeds_ours = _seed_scores(conn, name, units[name]["hash"], task, metric, seeds)
+                seeds_theirs = _seed_scores(conn, versus, units[versus]["hash"], task, metric, seeds)
                 common = [i for i in common if all(i in scores for scores in seeds_ours + seeds_theirs)]
             if not common:  # a task the other system does not score (a text baseline scores easy_vqa only)
                 continue
@@ -159,7 +171,7 @@ def compare(db_path: Path, n_resamples: int = 10_000,
         if hierarchical:  # the same seed numbers in both systems share data order and init: paired seeds
             for k, p_signflip in zip(members, signflip):
                 name, versus = rows[k][:2]
-                paired = units[name]["seeds"] == units[versus]["seeds"]
+                paired = shared_seeds(units, name, versus) is not None  # then both sides hold exactly those seeds
                 results[k] = (hierarchical_test(*rows[k][9], n_resamples=n_resamples, paired_seeds=paired)[0],
                               float(p_signflip))
             continue
@@ -168,7 +180,7 @@ def compare(db_path: Path, n_resamples: int = 10_000,
     for k, (name, versus, task, slice_name, metric, ids, a, b, sign, _) in enumerate(rows):
         r, p_signflip = results[k]
         comparisons.append(Comparison(
-            name, versus, task, slice_name, metric, len(ids), len(units[name]["seeds"]),
+            name, versus, task, slice_name, metric, len(ids), _seed_count(units, name, versus),
             float(np.mean(b) * sign) if len(ids) else float("nan"), float(np.mean(a) * sign) if len(ids) else float("nan"),
             r.estimate, r.low, r.high, r.p, effect_size=cohens_dz(a, b), note=r.note, p_signflip=p_signflip))
     comparisons += _corpus_comparisons(conn, units, pairs, n_resamples)
@@ -232,6 +244,11 @@ def corpus_scores(conn, unit_id: int, task: str) -> dict[str, float]:
     return {metric: float(scorers[metric](hyps, references)) for metric in CORPUS_METRICS[task]}
 
 
+def _seed_count(units: dict, name: str, versus: str) -> int:
+    """How many of `name`'s seeds its comparison with `versus` uses (see `shared_seeds`)."""
+    return len(shared_seeds(units, name, versus) or units[name]["seeds"])
+
+
 def _corpus_comparisons(conn, units: dict, pairs: list, n_resamples: int) -> list[Comparison]:
     """Corpus BLEU/chrF comparisons (SPEC §7): the corpus statistic is recomputed on every resample of items.
     With several seeds, each item's sufficient statistics are summed over the seeds (the seeds' outputs
@@ -243,19 +260,20 @@ def _corpus_comparisons(conn, units: dict, pairs: list, n_resamples: int) -> lis
 
     out, cache = [], {}
 
-    def predictions(experiment: str, task: str) -> dict[int, dict[str, str]]:  # seed -> item -> hypothesis
+    def predictions(experiment: str, task: str, seeds=None) -> dict[int, dict[str, str]]:  # seed -> item -> hypothesis
         rows = conn.execute("SELECT u.seed, s.item_id, s.prediction FROM item_scores s JOIN units u ON u.id = s.unit_id "
                             "WHERE u.experiment=? AND u.config_hash=? AND s.task=? AND s.metric=?",
                             (experiment, units[experiment]["hash"], task, SPECS[task].primary)).fetchall()
         by_seed: dict[int, dict[str, str]] = {}
         for seed, item, prediction in rows:
-            by_seed.setdefault(seed, {})[item] = SPECS[task].hypothesis(prediction)
+            if seeds is None or seed in seeds:
+                by_seed.setdefault(seed, {})[item] = SPECS[task].hypothesis(prediction)
         return by_seed
 
-    def statistics(experiment: str, task: str, metric: str, ids: tuple, refs: dict) -> np.ndarray:
-        key = (experiment, task, metric, ids)
+    def statistics(experiment: str, task: str, metric: str, ids: tuple, refs: dict, seeds) -> np.ndarray:
+        key = (experiment, task, metric, ids, tuple(seeds or ()))
         if key not in cache:
-            by_seed = predictions(experiment, task)
+            by_seed = predictions(experiment, task, seeds)
             cache[key] = sum(metrics.corpus_statistics(metric, [p[i] for i in ids], [refs[i] for i in ids])
                              for p in by_seed.values())
         return cache[key]
@@ -264,7 +282,8 @@ def _corpus_comparisons(conn, units: dict, pairs: list, n_resamples: int) -> lis
         for task in units[name]["config"]["tasks"]:
             if task not in CORPUS_METRICS:
                 continue
-            ours, theirs = predictions(name, task), predictions(versus, task)
+            seeds = shared_seeds(units, name, versus)
+            ours, theirs = predictions(name, task, seeds), predictions(versus, task, seeds)
             if not ours or not theirs:
                 continue
             common = set.intersection(*(set(p) for p in list(ours.values()) + list(theirs.values())))
@@ -273,11 +292,11 @@ def _corpus_comparisons(conn, units: dict, pairs: list, n_resamples: int) -> lis
             if len(ids) < 2:
                 continue
             for metric in CORPUS_METRICS[task]:
-                sa, sb = statistics(versus, task, metric, ids, refs), statistics(name, task, metric, ids, refs)
+                sa, sb = statistics(versus, task, metric, ids, refs, seeds), statistics(name, task, metric, ids, refs, seeds)
                 score = metrics.corpus_score_from_statistics(metric)
                 r = paired_bca_corpus(sa, sb, score, n_resamples=n_resamples)
                 p_signflip = permutation_pvalue_corpus(sa, sb, score, n_resamples=n_resamples)
-                out.append(Comparison(name, versus, task, "B", metric, len(ids), len(units[name]["seeds"]),
+                out.append(Comparison(name, versus, task, "B", metric, len(ids), _seed_count(units, name, versus),
                                       score(sb.sum(0)), score(sa.sum(0)), r.estimate, r.low, r.high, r.p,
                                       note=r.note or "corpus statistic recomputed per resample", p_signflip=p_signflip))
     return out
@@ -314,7 +333,14 @@ def _verdict(name: str, versus: str, comps: list[Comparison], units: dict) -> Ve
             reasons.append(f"budget parity fails: added parameters ×{p_ratio:.3f}, FLOPs/token ×{f_ratio:.3f} "
                            f"(allowed ±{tol:.0%})")
         reasons += _gate_reasons(units, name, versus, gates)
-    if units[name]["seeds"] and len(units[name]["seeds"]) < 2:
+    seeds, extra = shared_seeds(units, name, versus), {}
+    if seeds is not None:  # seeds one side ran and the other did not are left out of the comparison: say which
+        extra = {e: sorted(set(units[e]["seeds"]) - set(seeds)) for e in (name, versus)}
+        extra = {e: s for e, s in extra.items() if s}
+    if extra:
+        reasons.append(f"{NOT_APPLICABLE} compared on the seeds both ran ({', '.join(map(str, seeds))}); left out: "
+                       + "; ".join(f"{e} seeds {', '.join(map(str, s))}" for e, s in extra.items()))
+    if units[name]["seeds"] and len(seeds or units[name]["seeds"]) < 2:
         reasons.append("single seed: seed-to-seed variance is not in the interval")
     blocking = [r for r in reasons if not r.startswith(("single seed", NOT_APPLICABLE))]
     verdict = "no verdict" if too_small else ("promote" if not blocking else "reject")

@@ -369,7 +369,8 @@ def write_report(run_dir: Path, n_resamples: int = 10_000, hierarchical: bool = 
               ("Paired by item; improvement = experiment − versus (for violation: versus − experiment); "
                + (f"seed × item percentile bootstrap 95% CI (`--hierarchical`: items resampled paired, seeds resampled "
                   f"too, paired across systems that ran the same seeds), {n_resamples:,} resamples; "
-                  if hierarchical else f"seeds averaged per item, BCa 95% CI, {n_resamples:,} resamples; ")
+                  if hierarchical else "seeds averaged per item (only the seeds both systems ran; the verdicts name any "
+                  f"left out), BCa 95% CI, {n_resamples:,} resamples; ")
                + "corpus metrics (on each reply's scored first line): corpus score recomputed per resample; "
                "p from the same resamples as the CI (p < 0.05 exactly when the CI excludes 0); Benjamini–Hochberg "
                "over all rows' p (BH p, what the verdicts use); sign-flip p: the paired permutation test (corpus "
