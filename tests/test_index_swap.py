@@ -260,7 +260,7 @@ def test_backfill_of_a_stored_run_without_adapters_restores_them(setup, finished
 
 
 # --- analysis and report ------------------------------------------------------------------------------
-def _synthetic_db(path, n=120):
+def _synthetic_db(path, n=120, l0_seeds=(0, 1)):
     """L0_lora (static) and R1 (routed, reads features): 2 seeds each with all conditions, and a third seed of R1
     without `corrupt` (left out of its analysis). R1 is clean > shuffled > corrupt; L0's shuffled ≈ clean."""
     from bem.experiments.results import ResultsDB
@@ -269,7 +269,7 @@ def _synthetic_db(path, n=120):
     ids = [f"q{i:03d}" for i in range(n)]
     db = ResultsDB(path)
     truth = {}
-    for name, controller, levels, seeds in (("L0_lora", "static", (0.5, 0.49, 0.3), (0, 1)),
+    for name, controller, levels, seeds in (("L0_lora", "static", (0.5, 0.49, 0.3), l0_seeds),
                                              ("R1", "chunk", (0.7, 0.4, 0.2), (0, 1, 2))):
         config = {"tasks": ["wordnet_qa"], "bem": {"controller": controller}, "side_inputs": controller != "static"}
         for seed in seeds:
@@ -342,6 +342,24 @@ def test_analysis_equals_a_direct_paired_bca(tmp_path):
     assert old["systems"] == [] and old["without_conditions"] == ["L0_lora", "R1"]
     assert "evaluates only the missing conditions" in "\n".join(index_swap.report_lines(old))
     assert "there is no index to swap" in "\n".join(index_swap.report_lines({"systems": [], "without_conditions": []}))
+
+
+def test_a_routed_drop_is_compared_with_the_baselines_over_the_seeds_both_ran(tmp_path):
+    """L0_lora has seed 0 only, R1 seeds 0 and 1 (2 lacks corrupt): R1's own row keeps both seeds, its comparison with
+    L0_lora uses R1's seed 0 alone (one unlucky seed on one side only must not decide it)."""
+    from bem.experiments import index_swap
+    from bem.stats import paired_bca
+
+    truth = _synthetic_db(tmp_path / "results.sqlite", l0_seeds=(0,))
+    result = index_swap.analyze(tmp_path / "results.sqlite", n_resamples=2000)
+    assert {s["experiment"]: s["seeds"] for s in result["systems"]} == {"L0_lora": [0], "R1": [0, 1]}
+    (v,) = [v for v in result["versus_baseline"] if v["metric"] == "em"]
+    assert v["seeds"] == v["seeds_versus"] == [0]
+    r_drop = truth[("R1", 0)]["clean"] - truth[("R1", 0)]["shuffled"]
+    l_drop = truth[("L0_lora", 0)]["clean"] - truth[("L0_lora", 0)]["shuffled"]
+    r = paired_bca(l_drop, r_drop, n_resamples=2000)
+    assert (v["estimate"], v["low"], v["high"]) == pytest.approx((r.estimate, r.low, r.high))
+    assert v["drop"] == pytest.approx(r_drop.mean())
 
 
 def test_monotonicity_rule():

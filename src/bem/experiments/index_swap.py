@@ -80,12 +80,14 @@ def _scores(conn, experiment: str, config_hash: str, metric: str,
     return out
 
 
-def item_means(conn, experiment: str, config_hash: str, metric: str) -> tuple[list[int], list[str], dict[str, np.ndarray]]:
-    """(seeds with all three conditions, items scored by every one of them, {condition: per-item mean over those
-    seeds}), items in sorted order."""
+def item_means(conn, experiment: str, config_hash: str, metric: str,
+               only: list[int] | None = None) -> tuple[list[int], list[str], dict[str, np.ndarray]]:
+    """(seeds with all three conditions (of `only` when given), items scored by every one of them, {condition: per-item
+    mean over those seeds}), items in sorted order."""
     scores = _scores(conn, experiment, config_hash, metric)
     scores.pop(FEATURES)
-    seeds = sorted(set.intersection(*(set(by_seed) for by_seed in scores.values())))
+    seeds = set.intersection(*(set(by_seed) for by_seed in scores.values()))
+    seeds = sorted(seeds if only is None else seeds & set(only))
     if not seeds:
         return [], [], {}
     items = sorted(set.intersection(*(set(scores[c][s]) for c in CONDITIONS for s in seeds)))
@@ -122,7 +124,7 @@ def analyze(db_path: Path, n_resamples: int = 10_000, min_items: int = MIN_ITEMS
         if not conn.execute("SELECT 1 FROM sqlite_master WHERE name='condition_scores'").fetchone():
             result["without_conditions"] = list(systems)  # a database written before the index swap existed
             return result
-        per_item: dict[tuple[str, str], tuple[list[str], dict[str, np.ndarray], list[int]]] = {}
+        per_item: dict[tuple[str, str], tuple[list[int], list[str], dict[str, np.ndarray]]] = {}
         for name, system in systems.items():
             row = {"experiment": name, "config_hash": system["hash"], "routed": system["routed"],
                    "reads_features": system["reads_features"], "metrics": {}}
@@ -130,7 +132,7 @@ def analyze(db_path: Path, n_resamples: int = 10_000, min_items: int = MIN_ITEMS
                 seeds, items, means = item_means(conn, name, system["hash"], metric)
                 if not items:
                     break
-                per_item[(name, metric)] = (items, means, seeds)
+                per_item[(name, metric)] = (seeds, items, means)
                 drop = _interval(paired_bca(means["shuffled"], means["clean"], n_resamples=n_resamples))
                 step = _interval(paired_bca(means["corrupt"], means["shuffled"], n_resamples=n_resamples))
                 row["metrics"][metric] = {
@@ -154,8 +156,11 @@ def analyze(db_path: Path, n_resamples: int = 10_000, min_items: int = MIN_ITEMS
             for metric in METRICS:
                 if (name, metric) not in per_item or (BASELINE, metric) not in per_item:
                     continue
-                result["versus_baseline"].append(_versus(per_item[(name, metric)], per_item[(BASELINE, metric)],
-                                                         name, metric, n_resamples, min_items))
+                ours, theirs = per_item[(name, metric)], per_item[(BASELINE, metric)]
+                shared = sorted(set(ours[0]) & set(theirs[0]))  # both drops over the same seeds (see shared_seeds)
+                if shared:
+                    ours, theirs = (item_means(conn, n, systems[n]["hash"], metric, shared) for n in (name, BASELINE))
+                result["versus_baseline"].append(_versus(ours, theirs, name, metric, n_resamples, min_items))
         return result
     finally:
         conn.close()
@@ -192,8 +197,9 @@ def _same_predictions(conn, name: str, config_hash: str, seeds: list[int], task:
 
 
 def _versus(ours: tuple, theirs: tuple, name: str, metric: str, n_resamples: int, min_items: int) -> dict:
-    """(clean − shuffled) of a routed system minus that of L0_lora, paired over the items both scored."""
-    (items_r, means_r, seeds_r), (items_l, means_l, seeds_l) = ours, theirs
+    """(clean − shuffled) of a routed system minus that of L0_lora, paired over the items both scored (each side's
+    means over the seeds both ran, when they share any)."""
+    (seeds_r, items_r, means_r), (seeds_l, items_l, means_l) = ours, theirs
     common = sorted(set(items_r) & set(items_l))
     index_r, index_l = {i: k for k, i in enumerate(items_r)}, {i: k for k, i in enumerate(items_l)}
     pick_r, pick_l = [index_r[i] for i in common], [index_l[i] for i in common]
@@ -276,7 +282,7 @@ def _index_lines(result: dict) -> list[str]:
                          f"{f['clean']:.4f} | {f['features_shuffled']:.4f} | {f['estimate']:+.4f} | "
                          f"[{f['low']:+.4f}, {f['high']:+.4f}] | {f['identical_predictions']:.1%} | {f['verdict']} |")
     lines += ["", f"Routed systems against {BASELINE} (reads the evidence text only): the routed system's clean − "
-              f"shuffled drop minus {BASELINE}'s, paired by item; a CI above 0 (larger drop): the routed system "
+              f"shuffled drop minus {BASELINE}'s, paired by item, each averaged over the seeds both ran; a CI above 0 (larger drop): the routed system "
               f"depends on the evidence more than {BASELINE} does (text and features are swapped together, so this "
               "does not say which of the two it reads).", ""]
     if not result["versus_baseline"]:
