@@ -29,16 +29,33 @@ ORDER = ["router/item_oracle", "router/task_oracle", "ar1_pg", "ar0_bc", "router
 
 
 def router_units(conn) -> dict[str, dict]:
-    """{system: {id, config, seed, train_seconds, eval_seconds}} of the router folder's units (latest of each)."""
-    units = {}
-    for unit, name, config, seed, train, evaluation in conn.execute(
-            "SELECT u.id, u.experiment, c.json, u.seed, u.train_seconds, u.eval_seconds FROM units u "
-            "JOIN configs c ON c.hash = u.config_hash ORDER BY u.finished"):
-        config = json.loads(config)
-        if config.get("router") is not None:
-            units[name] = {"id": unit, "config": config, "seed": seed, "train_seconds": train,
-                           "eval_seconds": evaluation}
+    """{system: {ids: {seed: unit id}, seeds, config, train_seconds, eval_seconds}} of the router folder's units: each
+    system's latest config with every seed it ran (a rerun of a seed: the later unit); seconds are means over seeds."""
+    rows = conn.execute("SELECT u.id, u.experiment, u.config_hash, c.json, u.seed, u.train_seconds, u.eval_seconds "
+                        "FROM units u JOIN configs c ON c.hash = u.config_hash ORDER BY u.finished").fetchall()
+    latest = {name: (config_hash, config) for _, name, config_hash, config, *_ in rows}
+    units, seconds = {}, {}
+    for unit, name, config_hash, _, seed, train, evaluation in rows:
+        config = json.loads(latest[name][1])
+        if config_hash != latest[name][0] or config.get("router") is None:
+            continue
+        units.setdefault(name, {"config": config, "ids": {}})["ids"][seed] = unit
+        seconds.setdefault(name, {})[seed] = (train, evaluation)
+    for name, u in units.items():
+        u["seeds"] = sorted(u["ids"])
+        u["train_seconds"], u["eval_seconds"] = (float(np.mean(column)) for column in zip(*seconds[name].values()))
     return units
+
+
+def shared_seeds(units: dict) -> list[int]:
+    """The seeds every system of the folder ran: all scores are means over these, so that no comparison sets one
+    system's seeds against another's (a seed fixes the bank, the episode order and the router's initialisation)."""
+    seeds = sorted(set.intersection(*(set(u["ids"]) for u in units.values()))) if units else []
+    if units and not seeds:
+        have = "; ".join(f"{name}: {','.join(map(str, u['seeds']))}" for name, u in units.items())
+        raise ValueError(f"the router systems share no seed ({have}); run the same `bem run --experiments ...` with "
+                         "--seeds covering every system's seeds to complete them")
+    return seeds
 
 
 def is_router_folder(run_dir: Path) -> bool:
@@ -52,9 +69,13 @@ def is_router_folder(run_dir: Path) -> bool:
         conn.close()
 
 
-def _scores(conn, unit: int, metric: str = "score") -> dict[str, tuple[str, float]]:
-    return {item: (task, value) for task, item, value in conn.execute(
-        "SELECT task, item_id, value FROM item_scores WHERE unit_id = ? AND metric = ?", (unit, metric))}
+def _scores(conn, units: list[int], metric: str = "score", task: str | None = None) -> dict[str, tuple[str, float]]:
+    """{item: (task, the item's mean over `units`)} of `task` (default: all), for the items every unit scored."""
+    per_unit = [{item: (t, value) for t, item, value in conn.execute(
+        "SELECT task, item_id, value FROM item_scores WHERE unit_id = ? AND metric = ? AND (? IS NULL OR task = ?)",
+        (unit, metric, task, task))} for unit in units]
+    common = set.intersection(*(set(scores) for scores in per_unit)) if per_unit else set()
+    return {item: (per_unit[0][item][0], float(np.mean([scores[item][1] for scores in per_unit]))) for item in common}
 
 
 def analyze(run_dir: Path, n_resamples: int = 10_000) -> dict:
@@ -62,10 +83,12 @@ def analyze(run_dir: Path, n_resamples: int = 10_000) -> dict:
     conn = open_for_analysis(Path(run_dir) / "results.sqlite")
     try:
         units = router_units(conn)
-        scores = {name: _scores(conn, u["id"]) for name, u in units.items()}
-        switches = {name: _scores(conn, u["id"], "switches") for name, u in units.items()}
-        curves = {name: conn.execute("SELECT step, metric, value FROM router_curves WHERE unit_id = ? ORDER BY step",
-                                     (u["id"],)).fetchall() for name, u in units.items()}
+        seeds = shared_seeds(units)
+        scores = {name: _scores(conn, [u["ids"][s] for s in seeds]) for name, u in units.items()}
+        switches = {name: _scores(conn, [u["ids"][s] for s in seeds], "switches") for name, u in units.items()}
+        curves = {name + (f" s{s}" if len(seeds) > 1 else ""): conn.execute(
+            "SELECT step, metric, value FROM router_curves WHERE unit_id = ? ORDER BY step", (u["ids"][s],)).fetchall()
+            for name, u in units.items() for s in seeds}
         profiles = dict(conn.execute("SELECT metric, value FROM profiles WHERE experiment = 'router'").fetchall())
         costs = {}
         for experiment, metric, value in conn.execute("SELECT experiment, metric, value FROM profiles WHERE "
@@ -97,8 +120,9 @@ def analyze(run_dir: Path, n_resamples: int = 10_000) -> dict:
     claims = [_claim(scores, ids, name, versus, n_resamples) for name, against in _routers(units).items()
               if name in scores and units[name]["config"]["router"]["algorithm"] == "pg"
               for versus in against if versus in scores]
+    left_out = {name: sorted(set(u["seeds"]) - set(seeds)) for name, u in units.items() if set(u["seeds"]) - set(seeds)}
     return {"rows": rows, "verdicts": verdicts, "units": units, "curves": curves, "profiles": profiles,
-            "claims": claims, "wall": wall}
+            "claims": claims, "wall": wall, "seeds": seeds, "left_out": left_out}
 
 
 
@@ -185,18 +209,18 @@ def bank_table(run_dir: Path, n_resamples: int = 10_000) -> list[dict]:
 
     conn = open_for_analysis(Path(run_dir) / "results.sqlite")
     try:
-        zero = conn.execute("SELECT id FROM units WHERE experiment = 'router/zero_shot' ORDER BY finished DESC").fetchone()
-        banks = [(unit, json.loads(config)) for unit, config in conn.execute(
-            "SELECT u.id, c.json FROM units u JOIN configs c ON c.hash = u.config_hash ORDER BY u.finished DESC")]
-        banks = [(u, c) for u, c in banks if c.get("router") is None and c["bem"].get("experts", 1) > 1]
-        if zero is None or not banks:
+        zero = [u for (u,) in conn.execute("SELECT id FROM units WHERE experiment = 'router/zero_shot'")]
+        banks = [(unit, name, config_hash, json.loads(config)) for unit, name, config_hash, config in conn.execute(
+            "SELECT u.id, u.experiment, u.config_hash, c.json FROM units u JOIN configs c ON c.hash = u.config_hash "
+            "ORDER BY u.finished DESC")]
+        banks = [b for b in banks if b[3].get("router") is None and b[3]["bem"].get("experts", 1) > 1]
+        if not zero or not banks:
             return []
-        (bank, config), rows = banks[0], []
+        (_, name, config_hash, config), rows = banks[0], []
+        bank = [u for u, n, h, _ in banks if (n, h) == (name, config_hash)]  # every seed of the latest bank
         for e, task in enumerate(config["tasks"]):
             metric = SPECS[task].primary
-            ours, base = ({i: v for i, v in conn.execute("SELECT item_id, value FROM item_scores WHERE unit_id = ? AND "
-                                                           "task = ? AND metric = ?", (u, task, metric))}
-                          for u in (bank, zero[0]))
+            ours, base = ({i: v for i, (_, v) in _scores(conn, units, metric, task).items()} for units in (bank, zero))
             ids = sorted(set(ours) & set(base))
             r = paired_bca([base[i] for i in ids], [ours[i] for i in ids], n_resamples=n_resamples)
             rows.append({"expert": e, "task": task, "metric": metric, "n": len(ids), "ci": r,
@@ -226,10 +250,16 @@ def write_report(run_dir: Path, n_resamples: int = 10_000, to: Path | None = Non
              "composite episodes whose two parts need different experts); score = mean over parts of the task metric on "
              "the generated text (wordnet_qa F1, chrF/100, JSON (validity + field EM)/2). Differences are paired by "
              f"episode, BCa 95% CIs over {n_resamples:,} resamples.", ""]
+    seeds, left_out = result["seeds"], result["left_out"]
+    lines += [f"Seeds: {', '.join(map(str, seeds))} (the seeds every system ran; each episode's score is its mean over "
+              "them)." + (" Left out, because not every system ran them: " + "; ".join(
+                  f"`{name}` seed {', '.join(map(str, extra))}" for name, extra in left_out.items()) + "."
+                  if left_out else ""), ""]
     bank = bank_table(run_dir, n_resamples)
     if bank:
-        lines += ["## The expert bank", "", "Each expert alone (its block of the basis) on its own task's test items vs the "
-                  "frozen base model (zero-shot), primary metric, paired by item:", "",
+        lines += ["## The expert bank", "", "Each expert alone (its block of the basis; per item the mean over the "
+                  "bank's seeds) on its own task's test items vs the frozen base model (zero-shot), primary metric, "
+                  "paired by item:", "",
                   "| expert | task | metric | items | alone | zero-shot | difference [95% CI] | beats zero-shot |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {b['expert']} | `{b['task']}` | {b['metric']} | {b['n']} | {b['alone']:.4f} | {b['zero_shot']:.4f} | "
