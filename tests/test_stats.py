@@ -441,3 +441,14 @@ def test_a_comparison_uses_only_the_seeds_both_systems_ran(tmp_path):
     assert v.verdict == "reject"
     assert any("compared on the seeds both ran (0); left out: L0_lora seeds 1" in r for r in v.reasons)
     assert any(r.startswith("single seed") for r in v.reasons)
+
+
+def test_a_stored_baseline_system_does_not_limit_the_seeds_of_what_it_is_compared_with():
+    """Majority and zero-shot are deterministic and stored once, as seed 0: a controller's seeds 0 and 1 are both
+    compared with them (unpaired), while two trained systems use only the seeds both ran."""
+    from bem.experiments.analysis import _seed_count, shared_seeds
+
+    units = {"mm": {"seeds": [0, 1], "config": {"anchor": "text"}}, "text": {"seeds": [0], "config": {}},
+             "mm/majority": {"seeds": [0], "config": {"system": "majority"}}}
+    assert shared_seeds(units, "mm", "mm/majority") is None and _seed_count(units, "mm", "mm/majority") == 2
+    assert shared_seeds(units, "mm", "text") == [0] and _seed_count(units, "mm", "text") == 1

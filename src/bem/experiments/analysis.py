@@ -78,7 +78,10 @@ def _units(conn) -> dict[str, dict]:
 def shared_seeds(units: dict, name: str, versus: str) -> list[int] | None:
     """The seeds a comparison of `name` with `versus` uses: those both ran, so that neither side's mean includes a seed
     the other lacks (a seed fixes data order and initialisation, and one unlucky seed on one side only would decide
-    the comparison); None when they share no seed (each side's own seeds are used, unpaired)."""
+    the comparison); None when they share no seed or when `versus` is a stored baseline system (majority, zero-shot:
+    deterministic, stored as seed 0 and the same for every seed), so each side's own seeds are used, unpaired."""
+    if "system" in units[versus]["config"]:
+        return None
     common = sorted(set(units[name]["seeds"]) & set(units[versus]["seeds"]))
     return common or None
 
