@@ -35,8 +35,9 @@ def router_units(conn) -> dict[str, dict]:
                         "FROM units u JOIN configs c ON c.hash = u.config_hash ORDER BY u.finished").fetchall()
     latest = {name: (config_hash, config) for _, name, config_hash, config, *_ in rows}
     units, seconds = {}, {}
+    latest = {name: (config_hash, json.loads(config)) for name, (config_hash, config) in latest.items()}
     for unit, name, config_hash, _, seed, train, evaluation in rows:
-        config = json.loads(latest[name][1])
+        config = latest[name][1]
         if config_hash != latest[name][0] or config.get("router") is None:
             continue
         units.setdefault(name, {"config": config, "ids": {}})["ids"][seed] = unit
@@ -209,7 +210,9 @@ def bank_table(run_dir: Path, n_resamples: int = 10_000) -> list[dict]:
 
     conn = open_for_analysis(Path(run_dir) / "results.sqlite")
     try:
-        zero = [u for (u,) in conn.execute("SELECT id FROM units WHERE experiment = 'router/zero_shot'")]
+        zero = [u for (u,) in conn.execute(  # the latest zero-shot config's units (deterministic: any seed alike)
+            "SELECT id FROM units WHERE experiment = 'router/zero_shot' AND config_hash = (SELECT config_hash FROM units "
+            "WHERE experiment = 'router/zero_shot' ORDER BY finished DESC LIMIT 1)")]
         banks = [(unit, name, config_hash, json.loads(config)) for unit, name, config_hash, config in conn.execute(
             "SELECT u.id, u.experiment, u.config_hash, c.json FROM units u JOIN configs c ON c.hash = u.config_hash "
             "ORDER BY u.finished DESC")]
