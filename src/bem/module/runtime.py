@@ -23,6 +23,8 @@ from bem.module.controller import Controller
 
 # the StreamState fields one call changes; an Undo keeps their values from before the call
 CARRIED = ("chunk", "code", "window_sum", "window_count", "seen", "prompt_done", "switches")
+# the StreamState fields a compiled decode step carries as tensors (BEMRuntime.begin_step / end_step)
+STEP_FIELDS = ("code", "chunk", "window_sum", "window_count", "seen", "switches")
 ROLLBACK_CALLS = 64  # a cache may be cropped back into any of its stream's last this many calls
 
 
@@ -139,6 +141,8 @@ class BEMRuntime:
         self._call: CallInputs | None = None
         self._codes: torch.Tensor | None = None  # (B, J, W)
         self._segment: torch.Tensor | None = None  # (B, T) index into J
+        self._step_in = self._step_out = None  # a decode step's routing state (begin_step / end_step)
+        self._step_constants: StreamState | None = None  # the stream a decode step continues (step_state)
 
     # --- call bookkeeping -------------------------------------------------------------------
     def begin_call(self, batch: int, seq: int, device: torch.device, attention_mask, cache,
@@ -274,11 +278,59 @@ class BEMRuntime:
 
         return before + spread(gamma) * (after - before) + spread(beta)
 
+    # --- one decode step as tensors only (bem.decoding: static cache, torch.compile, CUDA graphs) -----------
+    def step_state(self, cache) -> tuple[torch.Tensor, ...] | None:
+        """The routing state of the stream `cache` holds, as the STEP_FIELDS tensors a `decode_step` carries; None
+        when nothing is routed (static BEM, no controller). The stream's constants go to `self._step_constants`."""
+        if self.controller is None or not self.enabled:
+            return None
+        if hasattr(self.controller, "decide"):
+            raise NotImplementedError("a router's decisions depend on the action in force and run one chunk at a "
+                                      "time on the host; decode it with bem.evaluate.greedy (decoding: dynamic)")
+        st = self._continued(cache, cache_length(cache))
+        self._step_constants = st
+        return tuple(getattr(st, f) for f in STEP_FIELDS)
+
+    def begin_step(self, batch: int, device: torch.device, state: tuple[torch.Tensor, ...] | None,
+                   mask: torch.Tensor | None = None) -> None:
+        """Open a one-token call whose routing is `state` (from `step_state` or the previous step): no host sync,
+        no Python state that changes from step to step, so the step can be compiled and replayed."""
+        self._call = CallInputs(valid=torch.ones(batch, 1, dtype=torch.bool, device=device), fresh=False,
+                                prompt_len=None, side=None, mask=mask)
+        self._step_in, self._step_out = state, None
+
+    def end_step(self) -> tuple[torch.Tensor, ...] | None:
+        """Close the step; the routing state after its token (None when nothing is routed)."""
+        out = self._step_out
+        self._call = self._codes = self._segment = self._step_in = self._step_out = None
+        return out
+
+    def _read_step(self, hidden: torch.Tensor) -> None:
+        """`read` for one real token per row on a continued stream, as fixed tensor code: every row's candidate code is
+        computed and kept only where its chunk closes and the switch is accepted; the same codes as `read`."""
+        ctrl, const = self.controller, self._step_constants
+        code, chunk, window_sum, window_count, seen, switches = self._step_in
+        h = hidden[:, 0].to(ctrl.inp.weight.dtype)
+        rel = (self._segment_of(seen.unsqueeze(1), const)[:, 0] - chunk).clamp_min(0)  # 0, or 1: a new chunk opens
+        opens = rel > 0
+        candidate = ctrl(ctrl.summarize(window_sum, window_count), const.side, const.gate_bias)
+        allowed = opens & (chunk >= 0)  # the first chunk after the prompt keeps the prompt code
+        if self.config.max_switches is not None:
+            allowed = allowed & (switches < self.config.max_switches)
+        switch = allowed & ((candidate - code).pow(2).mean(-1).sqrt() > self.config.hysteresis_tau)
+        code = torch.where(switch[:, None], candidate, code)
+        window_sum = torch.where(opens[:, None], h, window_sum + h)
+        window_count = torch.where(opens, 1, window_count + 1)
+        self._codes, self._segment = code.unsqueeze(1), torch.zeros_like(seen).unsqueeze(1)
+        self._step_out = (code, chunk + rel, window_sum, window_count, seen + 1, switches + switch.long())
+
     # --- routing ------------------------------------------------------------------------------
     def read(self, hidden: torch.Tensor) -> None:
         """Hook on the read layer: compute every token's code from hidden states (B, T, d)."""
         if not self.enabled or self._call is None or self.controller is None:
             return
+        if self._step_in is not None:
+            return self._read_step(hidden)
         call, ctrl = self._call, self.controller
         hidden = hidden.to(ctrl.inp.weight.dtype)
         batch, seq, d = hidden.shape
