@@ -77,10 +77,11 @@ class Recorder:
 
         self.calls, real = [], evaluate.generate
 
-        def generate(model, tokenizer, prompts, max_new_tokens, batch_size=16, side=None, desc="generate", bem_mask=None):
+        def generate(model, tokenizer, prompts, max_new_tokens, batch_size=16, side=None, desc="generate", bem_mask=None,
+                     decoding="dynamic"):
             replies = ([reply(p) for p in prompts] if reply is not None else
                        real(model, tokenizer, prompts, max_new_tokens, batch_size, side=side, desc=desc,
-                            bem_mask=bem_mask))
+                            bem_mask=bem_mask, decoding=decoding))
             self.calls.append({"desc": desc, "prompts": prompts, "side": None if side is None else side.numpy(),
                                "replies": replies})
             return replies

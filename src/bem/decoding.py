@@ -40,6 +40,7 @@ class StaticDecoder:
             raise NotImplementedError(f"{type(model).__name__}'s forward takes no position_ids; static decoding "
                                       "needs them (left-padded rows); use decoding: dynamic")
         self.compiled = compile
+        self._cache = None  # ((rows, length, dtype, device), StaticCache): reused by batches of that shape
         step = self._step
         if compile:
             cuda = next(model.parameters()).is_cuda
@@ -58,6 +59,18 @@ class StaticDecoder:
             state = runtime.end_step() if runtime is not None else None
         return out.logits[:, -1], state
 
+    def _cache_for(self, rows: int, length: int, device: torch.device):
+        """An empty StaticCache for (rows, length): the last one made, reset, when its shape, dtype and device fit. The
+        same tensors every batch, so CUDA graphs recorded on them are replayed, not recorded again."""
+        from transformers import StaticCache
+
+        key = (rows, length, self.model.get_input_embeddings().weight.dtype, device)
+        if self._cache is not None and self._cache[0] == key:
+            self._cache[1].reset()
+        else:
+            self._cache = key, StaticCache(config=self.model.config, max_cache_len=length)
+        return self._cache[1]
+
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | list[int], eos: list[int],
                  pick=None, rows: int | None = None, length: int | None = None, **kwargs) -> list[list[int]]:
@@ -65,8 +78,6 @@ class StaticDecoder:
         per row): what `bem.evaluate.greedy` returns. `rows` and `length` pad the batch (copies of its last row) and
         the cache to a fixed shape, so batches of one task share one compiled step. `kwargs`: bem_prompt_len,
         bem_side, bem_mask (one row per sequence)."""
-        from transformers import StaticCache
-
         model, runtime = self.model, self.runtime
         batch, width = ids.shape
         limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -77,7 +88,7 @@ class StaticDecoder:
             ids, mask = (torch.cat([t, t[-1:].expand(extra, -1)]) for t in (ids, mask))
             kwargs = {k: torch.cat([v, v[-1:].expand(extra, *v.shape[1:])]) if torch.is_tensor(v) and v.dim() else v
                       for k, v in kwargs.items()}
-        cache = StaticCache(config=model.config, max_cache_len=length)
+        cache = self._cache_for(rows, length, ids.device)
         positions = (mask.cumsum(1) - 1).clamp_min(0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
                        **{self.cache_kw: cache}, **kwargs).logits[:, -1]
@@ -105,6 +116,21 @@ class StaticDecoder:
             runtime.switches += int((state[-1][:batch] - start[:batch]).sum())
             runtime.streams.pop(cache, None)  # its state stopped at the prompt: the cache is not for eager calls
         return new
+
+
+def resolve_decoding(model, mode: str) -> str:
+    """`auto` → `compiled` on a GPU, `dynamic` on the CPU (where a decode step is compute-bound: docs/perf.md); a
+    router is always decoded `dynamic`, and asking for another mode for it is an error."""
+    if mode not in MODES + ("auto",):
+        raise ValueError(f"decoding {mode!r} is not a decoding mode; allowed: {list(MODES + ('auto',))}")
+    runtime = getattr(model, "_bem_runtime", None)
+    router = runtime is not None and runtime.enabled and hasattr(runtime.controller, "decide")
+    if mode == "auto":
+        return "compiled" if next(model.parameters()).is_cuda and not router else "dynamic"
+    if router and mode != "dynamic":
+        raise ValueError(f"decoding {mode!r} cannot decode a router (its decisions run per chunk on the host); "
+                         "allowed: dynamic or auto")
+    return mode
 
 
 def decoder_for(model, mode: str) -> StaticDecoder:

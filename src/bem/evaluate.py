@@ -1,6 +1,7 @@
 """Batched greedy generation and per-item scoring of the task suite (`bem eval`)."""
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int | list[int], batch_size: int = 16,
              side: torch.Tensor | None = None, desc: str = "generate",
-             bem_mask: torch.Tensor | None = None, pick=None) -> list[str]:
+             bem_mask: torch.Tensor | None = None, pick=None, decoding: str = "dynamic") -> list[str]:
     """Greedy replies to chat prompts, batched by length with left padding and the KV cache (sampled ones when
     `pick` is given, e.g. `nucleus(...)`: it maps the batch's last logits (b, V) to one token per row).
 
@@ -33,7 +34,14 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int | list[in
     token leaves the batch (see `greedy`), so finished rows cost nothing. With BEM attached, each row's real prompt
     length and side inputs go to the controller, and its row of `bem_mask` (n, r) to the sites (an expert bank's
     block). Replies do not depend on `batch_size` (tested).
+
+    `decoding` (`bem.decoding`): `dynamic` (`greedy`: a growing cache, finished rows leave), `static` (a static cache;
+    every batch padded to `batch_size` rows and one cache length, so a compiled step is made once per task),
+    `compiled` (static, the decode step under torch.compile: CUDA graphs on a GPU) or `auto` (compiled on a GPU,
+    dynamic on the CPU; routers always dynamic). The replies are the same in every mode (tested).
     """
+    from bem.decoding import decoder_for, resolve_decoding
+
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(limits) != len(prompts):
@@ -44,6 +52,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int | list[in
     if bem_mask is not None and not bem:
         raise ValueError("bem_mask was given but the model has no BEM attached; a mask selects BEM basis directions")
     device = next(model.parameters()).device  # after training on a GPU the model is still there
+    mode = resolve_decoding(model, decoding)
+    decode = functools.partial(greedy, model) if mode == "dynamic" else decoder_for(model, mode)
+    fixed = {} if mode == "dynamic" else {  # one shape for every batch: one compiled step per call
+        "rows": min(batch_size, len(prompts)), "length": max(map(len, encoded), default=0) + max(limits, default=0)}
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
@@ -62,8 +74,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int | list[in
             if bem_mask is not None:
                 kwargs["bem_mask"] = bem_mask[idx].to(device)
         batch_limits = [limits[i] for i in idx]
-        out = greedy(model, ids.to(device), mask.to(device),
-                     batch_limits[0] if len(set(batch_limits)) == 1 else batch_limits, eos, pick=pick, **kwargs)
+        out = decode(ids.to(device), mask.to(device),
+                     batch_limits[0] if len(set(batch_limits)) == 1 else batch_limits, eos, pick=pick, **fixed, **kwargs)
         for row, i in enumerate(idx):
             replies[i] = tokenizer.decode(out[row], skip_special_tokens=True)
     return replies
@@ -198,13 +210,15 @@ def with_condition(task: str, items: list[dict], condition: str, split: str = "t
 
 def evaluate_task(model, tokenizer, task: str, n: int | None, split: str = "test", batch_size: int = 16,
                   root: Path | None = None, layout: dict | None = None,
-                  condition: str = "clean", mask: torch.Tensor | None = None) -> tuple[list[dict], dict]:
+                  condition: str = "clean", mask: torch.Tensor | None = None,
+                  decoding: str = "auto") -> tuple[list[dict], dict]:
     """Per-item rows (id, prediction, scores) and the task's summary (means and corpus scores).
 
     With a side-input `layout` (see tasks.side_layout) each item's side vector goes to the controller.
     `condition` (SPEC §6 index swap, wordnet_qa only): 'clean', or 'shuffled' / 'corrupt', which build the
     prompt and the side features from the item's swapped evidence; same items, order and scoring as clean.
     `mask` (r,): the mask m every item is generated with (an expert bank's expert, bem.experts); None: none.
+    `decoding`: see `generate` (the replies do not depend on it).
     """
     spec = SPECS[task]
     check_condition(task, condition)  # before reading any data
@@ -213,7 +227,7 @@ def evaluate_task(model, tokenizer, task: str, n: int | None, split: str = "test
     start = time.perf_counter()
     predictions = generate(model, tokenizer, [spec.prompt(it) for it in items], spec.max_new_tokens, batch_size,
                            side=side, desc=task if condition == "clean" else f"{task} {condition}",
-                           bem_mask=None if mask is None else mask.expand(len(items), -1))
+                           bem_mask=None if mask is None else mask.expand(len(items), -1), decoding=decoding)
     rows = [{"task": task, "id": it["id"], "prediction": p, "scores": spec.score(p, it),
              "meta": item_meta(task, it),
              "reference": spec.reference(it)} for it, p in zip(items, predictions)]

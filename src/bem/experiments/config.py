@@ -178,6 +178,11 @@ class EvalConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """fp32, or the whole model cast to bf16 for the evaluation (no autocast, no per-call casts); auto as for
     training. Hashed only when bf16 (stored results were evaluated in fp32)."""
+    decoding: Literal["auto", "dynamic", "static", "compiled"] = "auto"
+    """How replies are decoded (bem.decoding): dynamic (a growing KV cache; rows that ended leave the batch), static (a
+    static KV cache of one length per task), compiled (static, the decode step under torch.compile: CUDA graphs on a
+    GPU), auto (compiled on a GPU, dynamic on the CPU; routers always dynamic). Greedy replies are the same in every
+    mode (tested), so it is not part of the config hash."""
     swap_seeds: int | None = None
     """Evaluate the index-swap conditions (SPEC §6) for the first N seeds of the experiment only (null: every seed).
     Not part of the config hash: it changes no clean score, only how many units also get the swapped conditions."""
@@ -410,7 +415,7 @@ HASH_OPTIONAL = {("training", "controller_lr"): None, ("training", "batching"): 
                  ("training", "init_bank"): None, ("bem", "side_projector"): None}
 # (section, field) of config fields that change no stored result (how much extra is evaluated; which experiment the
 # controller baseline is, added after router results were stored), never hashed
-HASH_EXCLUDED = (("evaluation", "swap_seeds"), ("router", "controller"))
+HASH_EXCLUDED = (("evaluation", "swap_seeds"), ("router", "controller"), ("evaluation", "decoding"))
 
 
 # --- loading ----------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def evaluate_conditions(db: ResultsDB, unit_id: int, model, tokenizer, config: E
         with inference_precision(model, resolve(config.evaluation.precision)):
             rows, summary = evaluate_task(model, tokenizer, task, config.evaluation.items, config.evaluation.split,
                                           config.evaluation.batch_size, data_root, _layout(config), condition=clean,
-                                          mask=mask)
+                                          mask=mask, decoding=config.evaluation.decoding)
         db.write_condition(unit_id, condition, rows)
         log.info("%s unit %d: %s %s evaluated in %.0f s (%s)", config.name, unit_id, task, condition,
                  time.perf_counter() - start, summary["means"])
@@ -184,7 +184,8 @@ def run_unit(db: ResultsDB, run_id: int, config: ExperimentConfig, seed: int, ou
     with inference_precision(unit.model, resolve(config.evaluation.precision)):  # fp32 weights back before saving
         for task in config.tasks:
             r, s = evaluate_task(unit.model, unit.tokenizer, task, config.evaluation.items, config.evaluation.split,
-                                 config.evaluation.batch_size, data_root, layout, mask=masks.get(task))
+                                 config.evaluation.batch_size, data_root, layout, mask=masks.get(task),
+                                 decoding=config.evaluation.decoding)
             rows += r
             by_task[task] = r
             summaries.append(s)
