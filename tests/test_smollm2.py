@@ -111,3 +111,28 @@ def test_collate_masks_prompt_and_padding_and_carries_side(smollm2):
     assert batch["bem_side"].tolist() == [[0.5, 1.0], [0.10000000149011612, 0.20000000298023224]]
     with pytest.raises(ValueError, match="every example"):
         collate(tok, [examples[0], Example("x", "y")])
+
+
+def test_static_cache_decoding_gives_the_same_replies_on_the_real_model():
+    """evaluation.decoding static (a static KV cache, every batch one shape) against dynamic (finished rows leave) on
+    SmolLM2 with routed BEM whose codes switch while decoding: the same replies. (`compiled` is the same step under
+    torch.compile; compiling the 30 blocks takes minutes on 2 cores, so it is checked on tiny models here and on the real
+    model by `python scripts/eval_throughput.py --paths dynamic static compiled`.)"""
+    from bem.evaluate import generate
+    from bem.tasks import SPECS, load_items
+
+    model, tok = load_base("smollm2-135m")
+    attach_bem(model, BEMConfig(rank=8, alpha=16, controller="chunk", chunk_size=8, side_dim=0, hysteresis_tau=0.0))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and (name.endswith(".U") or name.startswith("bem_controller.out")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)  # small: replies change, stay text
+    spec = SPECS["bible_translate"]
+    prompts = [spec.prompt(it) for it in load_items("bible_translate", "test", 5)]
+    runtime = model._bem_runtime
+    runtime.switches = 0
+    want = generate(model, tok, prompts, 24, batch_size=3)
+    switches, runtime.switches = runtime.switches, 0
+    assert generate(model, tok, prompts, 24, batch_size=3, decoding="static") == want
+    assert runtime.switches == switches > 0
