@@ -134,7 +134,7 @@ def test_generate_replies_do_not_depend_on_the_decoding_mode(tokenizer):
     assert generate(model, tokenizer, prompts, [8, 12, 8, 3, 8], batch_size=3, side=side, decoding="auto") == want
 
 
-def test_auto_and_router_modes():
+def test_auto_and_router_modes(monkeypatch):
     from test_router_policy import routed_bank
 
     model = routed_tiny("llama")
@@ -144,6 +144,12 @@ def test_auto_and_router_modes():
         resolve_decoding(model, "beam")
     with pytest.raises(ValueError, match="has no static decoder"):
         decoder_for(model, "dynamic")
+    monkeypatch.setenv("BEM_AUTO_DECODING", "static")
+    assert resolve_decoding(model, "auto") == "static"
+    monkeypatch.setenv("BEM_AUTO_DECODING", "fast")
+    with pytest.raises(ValueError, match=r"BEM_AUTO_DECODING='fast'; allowed: \['dynamic', 'static', 'compiled'\]"):
+        resolve_decoding(model, "auto")
+    monkeypatch.setenv("BEM_AUTO_DECODING", "compiled")
     router_model, _ = routed_bank()
     assert resolve_decoding(router_model, "auto") == "dynamic"
     with pytest.raises(ValueError, match="cannot decode a router"):

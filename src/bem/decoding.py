@@ -15,9 +15,12 @@ continue it with `BEMRuntime._read_step`, which computes the codes `read` comput
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 MODES = ("dynamic", "static", "compiled")
+ENV = "BEM_AUTO_DECODING"  # what `auto` means, when set (scripts/gpu_session.sh falls back to static with it)
 
 
 def _forward(model):
@@ -119,14 +122,20 @@ class StaticDecoder:
 
 
 def resolve_decoding(model, mode: str) -> str:
-    """`auto` → `compiled` on a GPU, `dynamic` on the CPU (where a decode step is compute-bound: docs/perf.md); a
-    router is always decoded `dynamic`, and asking for another mode for it is an error."""
+    """`auto` → `compiled` on a GPU, `dynamic` on the CPU (where a decode step is compute-bound: docs/perf.md), or what
+    the environment variable BEM_AUTO_DECODING says; a router is always decoded `dynamic`, and asking for another mode
+    for it is an error."""
     if mode not in MODES + ("auto",):
         raise ValueError(f"decoding {mode!r} is not a decoding mode; allowed: {list(MODES + ('auto',))}")
     runtime = getattr(model, "_bem_runtime", None)
     router = runtime is not None and runtime.enabled and hasattr(runtime.controller, "decide")
     if mode == "auto":
-        return "compiled" if next(model.parameters()).is_cuda and not router else "dynamic"
+        fixed = os.environ.get(ENV)
+        if fixed is not None and fixed not in MODES:
+            raise ValueError(f"{ENV}={fixed!r}; allowed: {list(MODES)}")
+        if router:
+            return "dynamic"
+        return fixed or ("compiled" if next(model.parameters()).is_cuda else "dynamic")
     if router and mode != "dynamic":
         raise ValueError(f"decoding {mode!r} cannot decode a router (its decisions run per chunk on the host); "
                          "allowed: dynamic or auto")

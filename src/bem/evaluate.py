@@ -18,6 +18,7 @@ from bem.data.batches import prompt_ids
 from bem.tasks import SPECS, dumps, item_meta, load_items, side_vectors
 
 log = logging.getLogger(__name__)
+LENGTH_STEP = 64  # static decoding: cache lengths are multiples of this
 
 
 @torch.no_grad()
@@ -54,8 +55,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int | list[in
     device = next(model.parameters()).device  # after training on a GPU the model is still there
     mode = resolve_decoding(model, decoding)
     decode = functools.partial(greedy, model) if mode == "dynamic" else decoder_for(model, mode)
-    fixed = {} if mode == "dynamic" else {  # one shape for every batch: one compiled step per call
-        "rows": min(batch_size, len(prompts)), "length": max(map(len, encoded), default=0) + max(limits, default=0)}
+    # one shape for every batch (rows, cache length rounded up to a multiple of LENGTH_STEP): one compiled step per call,
+    # and calls whose prompts differ a little (a task's index-swap conditions) share it
+    need = max(map(len, encoded), default=0) + max(limits, default=0)
+    fixed = {} if mode == "dynamic" else {"rows": min(batch_size, len(prompts)), "length": -(-need // LENGTH_STEP) * LENGTH_STEP}
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):

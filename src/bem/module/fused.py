@@ -65,8 +65,9 @@ def compute_dtype(x: torch.Tensor, layer) -> torch.dtype:
 
 def usable(x: torch.Tensor, layer, y: torch.Tensor) -> bool:
     """Whether `layer`'s forward on `x` (base output `y`) runs the fused kernel (see the module doc): fp32 or bf16
-    input, products and output (fp16 takes the torch path)."""
-    return (x.device.type in DEVICES and triton is not None and _enabled() and getattr(layer, "fusable", False)
+    input, products and output (fp16 takes the torch path). Under torch.compile (bem.decoding's compiled step) the torch
+    path is traced instead: inductor fuses it, and CUDA graphs remove the launches the kernel saves."""
+    return (x.device.type in DEVICES and not torch.compiler.is_compiling() and triton is not None and _enabled() and getattr(layer, "fusable", False)
             and not (torch.is_grad_enabled() and (x.requires_grad or layer.U.requires_grad or layer.V.requires_grad))
             and compute_dtype(x, layer) in COMPUTE_DTYPES and x.dtype in COMPUTE_DTYPES and y.dtype in COMPUTE_DTYPES)
 
