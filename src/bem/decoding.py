@@ -113,8 +113,11 @@ class StaticDecoder:
                     going[row] = t not in stop and len(new[row]) < limits[row]
             if not any(going) or step == steps - 1:
                 break
+            if self.compiled and token.is_cuda:
+                torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last replay's outputs are copied out
             logits, state = self.step(token.unsqueeze(1), position + step, full, cache, state, bem_mask)
-            logits = logits.clone()  # CUDA graphs reuse their output memory at the next replay
+            if self.compiled:  # CUDA graphs reuse their output memory at the next replay: keep copies
+                logits, state = logits.clone(), None if state is None else tuple(t.clone() for t in state)
         if runtime is not None and state is not None:
             runtime.switches += int((state[-1][:batch] - start[:batch]).sum())
             runtime.streams.pop(cache, None)  # its state stopped at the prompt: the cache is not for eager calls
