@@ -103,6 +103,30 @@ def test_stats_equal_a_direct_computation_over_a_left_padded_batch(tokenizer):
     assert sticky["all"]["boundaries"] == boundaries and sticky["all"]["code_mean_std"] > 0.01  # items still differ
 
 
+def test_feature_shift_is_how_far_codes_follow_swapped_side_inputs(tokenizer):
+    """feature_shift: mean |c(previous item's side) − c(own side)| over the code entries, from the direct computation;
+    0 when the controller's side columns are zero, and absent when every item has the same side inputs."""
+    model = routed(tokenizer)
+    side = torch.randn(len(PROMPTS), 3, generator=torch.Generator().manual_seed(3))
+    runtime = model._bem_runtime
+    stats = measure_routing(model, tokenizer, PROMPTS, REPLIES, side=side, batch_size=3)["all"]
+    own, _, _ = direct(model, tokenizer, side)
+    swapped, _, _ = direct(model, tokenizer, side.roll(1, 0))
+    columns = np.concatenate([np.arange(o, o + w) for o, w in model.bem_controller.heads.spans["code"]])
+    want = np.abs(swapped[:, columns] - own[:, columns]).mean()
+    assert want > 0.01 and stats["feature_shift"] == pytest.approx(want, abs=1e-6)
+    assert stats["feature_shift_ratio"] == pytest.approx(want / stats["code_mean_std"], rel=1e-6)
+    runtime.switches = 0
+    again = measure_routing(model, tokenizer, PROMPTS, REPLIES, side=side, batch_size=3)["all"]
+    assert runtime.switches == again["switches"] == stats["switches"]  # the swapped pass is not counted
+    with torch.no_grad():
+        model.bem_controller.inp.weight[:, -3:] = 0  # the side columns: the controller cannot read them
+    blind = measure_routing(model, tokenizer, PROMPTS, REPLIES, side=side)["all"]
+    assert blind["feature_shift"] == 0.0 and blind["code_mean_std"] > 0.01
+    same = measure_routing(model, tokenizer, PROMPTS, REPLIES, side=torch.ones(len(PROMPTS), 3))["all"]
+    assert "feature_shift" not in same and "feature_shift" not in measure_routing(model, tokenizer, PROMPTS, REPLIES)["all"]
+
+
 def test_a_fresh_controller_is_c_equal_1_and_did_not_move(tokenizer):
     model = routed(tokenizer, perturb=None)
     stats = measure_routing(model, tokenizer, PROMPTS, REPLIES, side=torch.ones(len(PROMPTS), 3))
@@ -176,8 +200,8 @@ def test_routing_rows_round_trip_and_the_report_section(tmp_path):
         db.write_routing(99, "wordnet_qa", _summary(0.0, 0.0, 1.0, 0.0))
     lines = _routing_lines(sqlite3.connect(db.path), meta)
     rows = [line for line in lines if line.startswith("| moving") or line.startswith("| still")]
-    assert rows == ["| moving | 2 | 0.1500 | 0.0750 | 0.1000 | 0.200 | — | — | — | yes | yes |",
-                    "| still | 1 | 0.0040 | 0.0020 | 0.0020 | 0.000 | — | — | — | **no** | **no** |"]
+    assert rows == ["| moving | 2 | 0.1500 | 0.0750 | 0.1000 | 0.200 | — | — | — | yes | yes | — |",
+                    "| still | 1 | 0.0040 | 0.0020 | 0.0020 | 0.000 | — | — | — | **no** | **no** | — |"]
     text = "\n".join(lines)
     assert "**still: its codes did not move** (largest mean |c − 1| of any site 0.004 < 0.01" in text
     assert "**moving: its codes did not move**" not in text and "indistinguishable from static LoRA" in text
@@ -189,6 +213,15 @@ def test_routing_rows_round_trip_and_the_report_section(tmp_path):
     text = "\n".join(_routing_lines(sqlite3.connect(db.path), meta))
     assert "**moving: its codes moved away from 1 but barely vary with context** (largest per-site std of c over " \
            "items × chunks 0.004 < 0.01)" in text
+    assert "barely follow its side inputs" not in text
+    for seed, ratio in ((0, 0.02), (1, 0.06)):  # side inputs measured: the mean ratio, and a sentence under 0.1
+        summary = _summary(0.2, 3.0, 10.0, 1.0)
+        summary["all"].update(feature_shift=0.002, feature_shift_ratio=ratio)
+        db.write_routing(units[("moving", seed)], "wordnet_qa", summary)
+    lines = _routing_lines(sqlite3.connect(db.path), meta)
+    assert [line for line in lines if line.startswith("| moving")][0].endswith("| yes | yes | ×0.040 |")
+    assert "**moving: its codes barely follow its side inputs** (swapping only them moves c by ×0.040 of the code " \
+           "std, mean over 2 units × tasks; < 0.1)" in "\n".join(lines)
 
 
 def test_controller_lr_gives_the_controller_its_own_learning_rate(tokenizer):

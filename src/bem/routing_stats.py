@@ -17,6 +17,14 @@ where a replacement could happen (`runtime.switches`; absent when no reply cross
 site's mean |c − 1|, every gate's mean |g − 1| and every FiLM block's mean |γ − 1| and mean |β| are below
 `MOVED_THRESHOLD`, so the system routes every token like c ≡ 1 (static LoRA) would.
 
+With side inputs that differ between items (wordnet_qa's evidence features, easy_vqa's image features), the pass is
+repeated with every item given the previous item's side inputs (the prompt and reply unchanged), and `all` gets
+`feature_shift`: the mean |c(swapped side) − c(own side)| over the code entries of every (item, segment), and
+`feature_shift_ratio`: that over `code_mean_std`, i.e. how far swapping only the side inputs moves the codes, in
+units of their spread over items and chunks (near 0: the controller ignores its side inputs). This measures the
+controller itself; the features-only swap of the index-swap analysis measures the replies, which a small code
+change need not flip.
+
 With a top-k mask (V1) the code is c·m, so masked directions count as |0 − 1| = 1: such a system routes
 (chooses directions per context) from its first step.
 """
@@ -116,12 +124,18 @@ def measure_routing(model, tokenizer, prompts: list[str], replies: list[str], si
         raise ValueError(f"side has {side.shape[0]} rows but there are {len(prompts)} items")
     was_training = model.training
     model.eval()
+    spans = controller.heads.spans
+    swapped = None
     try:
         vectors, switches, boundaries = _routed_segments(model, tokenizer, prompts, replies, side, batch_size)
+        if side is not None and len(prompts) > 1 and not torch.equal(side, side.roll(1, 0)):
+            # the same items and replies, each with the previous item's side inputs: how far do the codes follow them?
+            before = runtime.switches
+            swapped = _routed_segments(model, tokenizer, prompts, replies, side.roll(1, 0), batch_size)[0]
+            runtime.switches = before  # the counter keeps the real pass only
     finally:
         model.train(was_training)
     codes, gates, film = _site_names(model)
-    spans = controller.heads.spans
     out: dict[str, dict[str, float]] = {}
 
     def piece(offset: int, width: int) -> torch.Tensor:
@@ -149,6 +163,12 @@ def measure_routing(model, tokenizer, prompts: list[str], replies: list[str], si
                "code_mean_std": sum(s["code_std"] for s in sites) / len(sites)}
     if boundaries:
         summary["switch_rate"] = switches / boundaries
+    if swapped is not None:  # rows are the same (item, segment)s: segments follow positions, not codes
+        columns = torch.cat([torch.arange(offset, offset + width) for offset, width in spans["code"]])
+        shift = float((swapped[:, columns] - vectors[:, columns]).abs().double().mean())
+        summary["feature_shift"] = shift
+        if summary["code_mean_std"] > 0:
+            summary["feature_shift_ratio"] = shift / summary["code_mean_std"]
     if spans["gate"]:
         summary["gate_max_mean_abs_dev"] = max(s["gate_mean_abs_dev"] for k, s in out.items() if k.startswith("gate:"))
     if spans["film"]:

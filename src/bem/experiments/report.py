@@ -237,6 +237,9 @@ def _corpus_means(conn) -> dict[tuple[str, str, str], float]:
     return {key: sum(values) / len(values) for key, values in per_unit.items()}
 
 
+SIDE_BLIND = 0.1  # side inputs swapped move c by less than this × the code std: the routing ignores them
+
+
 def _routing_lines(conn, units: dict) -> list[str]:
     """"Is routing alive?": one row per routed experiment (the mean over its latest units and tasks of
     bem.routing_stats.measure_routing's summary), and a sentence for each system whose codes did not move."""
@@ -262,11 +265,14 @@ def _routing_lines(conn, units: dict) -> list[str]:
               f"Codes did not move: every site's mean |c − 1| (and every gate's mean |g − 1|, FiLM's mean |γ − 1| and "
               f"|β|) below {MOVED_THRESHOLD} in every unit. Codes that moved but barely vary (the largest per-site std "
               f"of c over items × chunks below {MOVED_THRESHOLD}) are a nearly constant reweighting of the basis: "
-              f"c can be folded into U, so such a system is a static adapter in effect, whatever it reads.", "",
+              f"c can be folded into U, so such a system is a static adapter in effect, whatever it reads. "
+              f"Side inputs move c: with only the side inputs swapped (each item gets the previous item's evidence or "
+              f"image features), the mean |Δc| in units of the code std (mean over the units and tasks measured; "
+              f"—: no side inputs, or stored before this was measured: `scripts/backfill_feature_shift.py`).", "",
               "| experiment | units × tasks | max mean abs(c − 1) | code std | max site code std | switch rate | gates | "
-              "FiLM γ | FiLM β | moved | varies with context |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    still, constant = [], []
+              "FiLM γ | FiLM β | moved | varies with context | side inputs move c |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    still, constant, blind = [], [], []
     for experiment, rows in stats.items():
         summaries = [values for (_, _, site), values in rows.items() if site == "all"]
         if not summaries:
@@ -288,9 +294,14 @@ def _routing_lines(conn, units: dict) -> list[str]:
         varies = spread >= MOVED_THRESHOLD
         if moved and not varies:
             constant.append((experiment, spread))
+        shifts = [s["feature_shift_ratio"] for s in summaries if "feature_shift_ratio" in s]
+        shift = sum(shifts) / len(shifts) if shifts else None
+        if shift is not None and moved and shift < SIDE_BLIND:
+            blind.append((experiment, shift, len(shifts)))
         lines.append(f"| {experiment} | {len(summaries)} | {mean('code_max_mean_abs_dev'):.4f} | {mean('code_mean_std'):.4f} "
                      f"| {spread:.4f} | {rate} | {span('gate_min', 'gate_max')} | {span('gamma_min', 'gamma_max')} | "
-                     f"{span('beta_min', 'beta_max')} | {'yes' if moved else '**no**'} | {'yes' if varies else '**no**'} |")
+                     f"{span('beta_min', 'beta_max')} | {'yes' if moved else '**no**'} | {'yes' if varies else '**no**'} | "
+                     f"{'—' if shift is None else f'×{shift:.3f}'} |")
     for experiment, deviation in still:
         lines += ["", f"**{experiment}: its codes did not move** (largest mean |c − 1| of any site {deviation:.2g} < "
                   f"{MOVED_THRESHOLD}, gates and FiLM within {MOVED_THRESHOLD} of identity): on these items it routes "
@@ -300,6 +311,10 @@ def _routing_lines(conn, units: dict) -> list[str]:
         lines += ["", f"**{experiment}: its codes moved away from 1 but barely vary with context** (largest per-site std "
                   f"of c over items × chunks {spread:.2g} < {MOVED_THRESHOLD}): nearly one code for every item and chunk, "
                   "which a static adapter with U·diag(c) would match; its routing does not yet depend on what it reads."]
+    for experiment, shift, n in blind:
+        lines += ["", f"**{experiment}: its codes barely follow its side inputs** (swapping only them moves c by ×{shift:.3f} "
+                  f"of the code std, mean over {n} units × tasks; < {SIDE_BLIND}): its routing reads the prompt, not the "
+                  "evidence or image features, so what the index swap finds is the prompt text's doing."]
     missing = [name for name in routed if name not in stats]
     if missing:
         lines += ["", f"No routing statistics stored for {', '.join(missing)}."]
