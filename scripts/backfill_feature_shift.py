@@ -1,4 +1,5 @@
-"""Add `feature_shift` (bem.routing_stats) to the routing statistics of units stored before it existed.
+"""Add `feature_shift` (and `gate_feature_shift` with head gates; bem.routing_stats) to the routing statistics of units
+stored before they existed.
 
     python scripts/backfill_feature_shift.py RUN_DIR [--experiments ...] [--preset cpu] [--retrain]
 
@@ -48,7 +49,9 @@ def main() -> int:
         if config.bem.controller == "static" or config.router is not None or config.side_inputs is not True:
             continue
         stored = db.routing(unit_id)
-        tasks = [t for t in config.tasks if t in SIDE_DIMS and t in stored and "feature_shift" not in stored[t]["all"]]
+        wanted = ["feature_shift"] + (["gate_feature_shift"] if config.bem.head_groups else [])
+        tasks = [t for t in config.tasks if t in SIDE_DIMS and t in stored
+                 and any(stat not in stored[t]["all"] for stat in wanted)]
         if not tasks:
             continue
         if not args.retrain and not (adapter_dir(args.run_dir, config, seed) / "bem_weights.safetensors").is_file():

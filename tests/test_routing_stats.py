@@ -116,6 +116,10 @@ def test_feature_shift_is_how_far_codes_follow_swapped_side_inputs(tokenizer):
     want = np.abs(swapped[:, columns] - own[:, columns]).mean()
     assert want > 0.01 and stats["feature_shift"] == pytest.approx(want, abs=1e-6)
     assert stats["feature_shift_ratio"] == pytest.approx(want / stats["code_mean_std"], rel=1e-6)
+    gates = np.concatenate([np.arange(o, o + w) for o, w in model.bem_controller.heads.spans["gate"]])
+    assert stats["gate_feature_shift"] == pytest.approx(np.abs(swapped[:, gates] - own[:, gates]).mean(), abs=1e-6)
+    assert stats["gate_feature_shift_ratio"] == pytest.approx(
+        stats["gate_feature_shift"] / own[:, gates].std(0).mean(), rel=1e-6)
     runtime.switches = 0
     again = measure_routing(model, tokenizer, PROMPTS, REPLIES, side=side, batch_size=3)["all"]
     assert runtime.switches == again["switches"] == stats["switches"]  # the swapped pass is not counted
@@ -222,6 +226,11 @@ def test_routing_rows_round_trip_and_the_report_section(tmp_path):
     assert [line for line in lines if line.startswith("| moving")][0].endswith("| yes | yes | ×0.040 |")
     assert "**moving: its codes barely follow its side inputs** (swapping only them moves c by ×0.040 of the code " \
            "std, mean over 2 units × tasks; < 0.1)" in "\n".join(lines)
+    summary["all"].update(gate_feature_shift=0.05, gate_feature_shift_ratio=0.5)  # gates that do read them
+    db.write_routing(units[("moving", 1)], "wordnet_qa", summary)
+    lines = _routing_lines(sqlite3.connect(db.path), meta)
+    assert [line for line in lines if line.startswith("| moving")][0].endswith("| ×0.040 (gates ×0.500) |")
+    assert "barely follow its side inputs" not in "\n".join(lines)
 
 
 def test_controller_lr_gives_the_controller_its_own_learning_rate(tokenizer):

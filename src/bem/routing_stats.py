@@ -21,7 +21,9 @@ With side inputs that differ between items (wordnet_qa's evidence features, easy
 repeated with every item given the previous item's side inputs (the prompt and reply unchanged), and `all` gets
 `feature_shift`: the mean |c(swapped side) − c(own side)| over the code entries of every (item, segment), and
 `feature_shift_ratio`: that over `code_mean_std`, i.e. how far swapping only the side inputs moves the codes, in
-units of their spread over items and chunks (near 0: the controller ignores its side inputs). This measures the
+units of their spread over items and chunks (near 0: the controller ignores its side inputs); with head gates (PT1/V2,
+whose gate-shaping term reads the evidence features directly) `gate_feature_shift` and `gate_feature_shift_ratio`
+likewise for the gates (over the std of g over items and chunks, mean over gate entries). This measures the
 controller itself; the features-only swap of the index-swap analysis measures the replies, which a small code
 change need not flip.
 
@@ -164,11 +166,15 @@ def measure_routing(model, tokenizer, prompts: list[str], replies: list[str], si
     if boundaries:
         summary["switch_rate"] = switches / boundaries
     if swapped is not None:  # rows are the same (item, segment)s: segments follow positions, not codes
-        columns = torch.cat([torch.arange(offset, offset + width) for offset, width in spans["code"]])
-        shift = float((swapped[:, columns] - vectors[:, columns]).abs().double().mean())
-        summary["feature_shift"] = shift
-        if summary["code_mean_std"] > 0:
-            summary["feature_shift_ratio"] = shift / summary["code_mean_std"]
+        for kind, prefix in (("code", "feature_shift"), ("gate", "gate_feature_shift")):
+            if not spans[kind]:
+                continue
+            columns = torch.cat([torch.arange(offset, offset + width) for offset, width in spans[kind]])
+            own = vectors[:, columns].double()
+            shift, spread = float((swapped[:, columns].double() - own).abs().mean()), float(own.std(0, unbiased=False).mean())
+            summary[prefix] = shift
+            if spread > 0:
+                summary[f"{prefix}_ratio"] = shift / spread
     if spans["gate"]:
         summary["gate_max_mean_abs_dev"] = max(s["gate_mean_abs_dev"] for k, s in out.items() if k.startswith("gate:"))
     if spans["film"]:

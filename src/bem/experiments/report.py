@@ -267,8 +267,9 @@ def _routing_lines(conn, units: dict) -> list[str]:
               f"of c over items × chunks below {MOVED_THRESHOLD}) are a nearly constant reweighting of the basis: "
               f"c can be folded into U, so such a system is a static adapter in effect, whatever it reads. "
               f"Side inputs move c: with only the side inputs swapped (each item gets the previous item's evidence or "
-              f"image features), the mean |Δc| in units of the code std (mean over the units and tasks measured; "
-              f"—: no side inputs, or stored before this was measured: `scripts/backfill_feature_shift.py`).", "",
+              f"image features), the mean |Δc| in units of the code std (mean over the units and tasks measured; with "
+              f"head gates, the same for the gates in brackets; —: no side inputs, or stored before this was measured: "
+              f"`scripts/backfill_feature_shift.py`).", "",
               "| experiment | units × tasks | max mean abs(c − 1) | code std | max site code std | switch rate | gates | "
               "FiLM γ | FiLM β | moved | varies with context | side inputs move c |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -296,12 +297,16 @@ def _routing_lines(conn, units: dict) -> list[str]:
             constant.append((experiment, spread))
         shifts = [s["feature_shift_ratio"] for s in summaries if "feature_shift_ratio" in s]
         shift = sum(shifts) / len(shifts) if shifts else None
-        if shift is not None and moved and shift < SIDE_BLIND:
+        gated = [s["gate_feature_shift_ratio"] for s in summaries if "gate_feature_shift_ratio" in s]
+        if shift is not None and moved and shift < SIDE_BLIND and (not gated or sum(gated) / len(gated) < SIDE_BLIND):
             blind.append((experiment, shift, len(shifts)))
+        moves = "—" if shift is None else f"×{shift:.3f}"
+        if gated:
+            moves += f" (gates ×{sum(gated) / len(gated):.3f})"
         lines.append(f"| {experiment} | {len(summaries)} | {mean('code_max_mean_abs_dev'):.4f} | {mean('code_mean_std'):.4f} "
                      f"| {spread:.4f} | {rate} | {span('gate_min', 'gate_max')} | {span('gamma_min', 'gamma_max')} | "
                      f"{span('beta_min', 'beta_max')} | {'yes' if moved else '**no**'} | {'yes' if varies else '**no**'} | "
-                     f"{'—' if shift is None else f'×{shift:.3f}'} |")
+                     f"{moves} |")
     for experiment, deviation in still:
         lines += ["", f"**{experiment}: its codes did not move** (largest mean |c − 1| of any site {deviation:.2g} < "
                   f"{MOVED_THRESHOLD}, gates and FiLM within {MOVED_THRESHOLD} of identity): on these items it routes "
