@@ -144,3 +144,28 @@ def test_profile_out_must_be_a_run_folder(tmp_path, capsys):
     assert main(["profile", "--experiments", "L0_lora", "--out", str(tmp_path / "typo")]) == 2
     assert "--out " + str(tmp_path / "typo") + ": no results.sqlite there" in capsys.readouterr().err
     assert not (tmp_path / "typo").exists()  # nothing created
+
+
+def test_a_time_budget_cuts_the_rounds_but_not_below_three(capsys):
+    """`bem profile --max-seconds`: the interleaved rounds stop when one more round and the memory and KV passes would
+    not fit the budget, never below MIN_ROUNDS; without a budget every round asked for runs."""
+    import time
+
+    from bem.cli import main
+    from bem.models import tiny
+    from bem.profiling import MIN_ROUNDS, _subject, measure_interleaved
+
+    def subjects():
+        return [_subject(tiny("llama"), "base", "", 1, 8, 0, 128, _stream()),
+                _subject(routed_tiny("llama"), "routed", "h", 1, 8, 3, 128, _stream(side=torch.zeros(4, 3)))]
+
+    spent = measure_interleaved(subjects(), decode_steps=2, warmup=1, repeats=6, deadline=time.perf_counter())
+    assert [p.rounds for p in spent] == [MIN_ROUNDS] * 2
+    assert all(p.decode_p50_ms > 0 for p in spent)
+    assert [p.rounds for p in measure_interleaved(subjects(), 2, 1, 6)] == [6, 6]
+    assert [p.rounds for p in measure_interleaved(subjects(), 2, 1, 6, time.perf_counter() + 3600)] == [6, 6]
+    assert [p.rounds for p in measure_interleaved(subjects(), 2, 1, 2, time.perf_counter())] == [2, 2]
+    with pytest.raises(SystemExit) as exit_:
+        main(["profile", "--max-seconds", "0", "--experiments", "L0_lora"])
+    assert exit_.value.code == 2
+    assert "0.0 is not allowed; expected a finite number > 0" in capsys.readouterr().err

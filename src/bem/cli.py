@@ -314,8 +314,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     names = args.experiments or (list_experiments() if args.comprehensive else ["L0_lora", "S1_anchor"])
     overlay = _overlay(args)
     configs = [load_experiment(n, overlay=overlay) for n in names]  # the overlay only changes the config hash
-    options = {"repeats": 20 if args.comprehensive else 5, "prompt_len": args.prompt_len, "batch": args.batch}
-    results = profile(configs, device=args.device, run_dir=args.out, **options)
+    options = {"repeats": 20 if args.comprehensive else 5, "prompt_len": args.prompt_len, "batch": args.batch,
+               "warmup": 2 if args.max_seconds is None else 1}
+    results = profile(configs, device=args.device, run_dir=args.out, max_seconds=args.max_seconds, **options)
+    print(f"{results[0].rounds} interleaved rounds of {options['repeats']}"
+          + (f" (--max-seconds {args.max_seconds:g})" if args.max_seconds is not None else ""))
     base = results[0]
     print(f"{'model':14s} {'modules':12s} {'prefill p50':>11s} {'p95':>8s} {'decode p50':>10s} {'p95':>8s} "
           f"{'peak MB':>8s} {'KV hit':>7s}  decode ×base")
@@ -347,6 +350,16 @@ def _job_parameters(pairs: list[str]) -> dict:
         return job_parameters(pairs)
     except ValueError as err:
         raise BEMError(str(err)) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; expected a finite number > 0")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -460,6 +473,9 @@ def _main(argv: list[str]) -> int:
     prof = sub.add_parser("profile", help="latency p50/p95 (prefill, decode step) and peak memory vs the base model")
     prof.add_argument("--experiments", nargs="+", default=None, help="default: L0_lora S1_anchor")
     prof.add_argument("--comprehensive", action="store_true", help="every experiment, more repeats")
+    prof.add_argument("--max-seconds", type=_positive_float, default=None,
+                      help="finish within about this many seconds: one warm-up pass per model instead of two, and "
+                      "fewer interleaved rounds (at least 3) if needed")
     prof.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     prof.add_argument("--prompt-len", type=_positive, default=128)
     prof.add_argument("--batch", type=_positive, default=1)

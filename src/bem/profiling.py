@@ -50,6 +50,7 @@ class Profile:
     status: str = "base"  # base | trained (a finished unit's adapter) | untrained (fresh modules, ΔW = 0)
     seed: int | None = None  # the profiled unit's seed when trained
     kv_denominator: int = 0  # Σ D over the stream's later requests (tokens a prefix cache could offer)
+    rounds: int = 0  # interleaved rounds timed (fewer than asked when a time budget cut them)
 
 
 class _PeakRSS:
@@ -144,28 +145,37 @@ def _peak_memory_mb(subject: _Subject, decode_steps: int) -> float:
     return weights + rss.delta_mb
 
 
+MIN_ROUNDS = 3  # a time budget never cuts the interleaved rounds below this
+
+
 def measure_interleaved(subjects: list[_Subject], decode_steps: int = 16, warmup: int = 2,
-                        repeats: int = 10) -> list[Profile]:
+                        repeats: int = 10, deadline: float | None = None) -> list[Profile]:
     """Time every subject in rounds: each round runs one pass of every model, in an order rotated from round
     to round, so that slow drift of the machine (clock, thermal state, other load) falls on all models
-    alike instead of on whichever was measured last."""
+    alike instead of on whichever was measured last. Peak memory and the KV hit rate are measured before the rounds.
+
+    `deadline` (a `time.perf_counter()` value): no round starts that would not end before it, as far as the rounds so
+    far tell; at least MIN_ROUNDS rounds run, at most `repeats` (each Profile's `rounds`)."""
     for subject in subjects:
         for _ in range(warmup):
             _one_pass(subject, decode_steps)
+    extras = [(_peak_memory_mb(s, decode_steps),
+               kv_hit_rate(s.model, s.stream) if s.stream is not None else (float("nan"), 0)) for s in subjects]
+    start, rounds = time.perf_counter(), 0
     for r in range(repeats):
         shift = r % len(subjects)
         for subject in subjects[shift:] + subjects[:shift]:
             prefill, steps = _one_pass(subject, decode_steps)
             subject.prefill.append(prefill)
             subject.decode += steps
+        rounds = r + 1
+        per_round = (time.perf_counter() - start) / rounds
+        if deadline is not None and rounds >= MIN_ROUNDS and time.perf_counter() + per_round > deadline:
+            break
     ms = lambda xs, q: float(np.percentile(xs, q) * 1000)  # noqa: E731
-    results = []
-    for s in subjects:
-        memory = _peak_memory_mb(s, decode_steps)
-        hit, denominator = kv_hit_rate(s.model, s.stream) if s.stream is not None else (float("nan"), 0)
-        results.append(Profile(s.name, s.config_hash, ms(s.prefill, 50), ms(s.prefill, 95), ms(s.decode, 50),
-                               ms(s.decode, 95), memory, hit, str(s.ids.device), s.status, s.seed, denominator))
-    return results
+    return [Profile(s.name, s.config_hash, ms(s.prefill, 50), ms(s.prefill, 95), ms(s.decode, 50), ms(s.decode, 95),
+                    memory, hit, str(s.ids.device), s.status, s.seed, denominator, rounds)
+            for s, (memory, (hit, denominator)) in zip(subjects, extras)]
 
 
 def measure(model, name: str, config_hash: str, batch: int = 1, prompt_len: int = 128, decode_steps: int = 16,
@@ -315,11 +325,14 @@ def profiled_model(config: ExperimentConfig, run_dir=None, data_root=None):
 
 
 def profile(configs: list[ExperimentConfig], device: str = "cpu", batch: int = 1, prompt_len: int = 128,
-            decode_steps: int = 16, warmup: int = 2, repeats: int = 10, run_dir=None, data_root=None) -> list[Profile]:
+            decode_steps: int = 16, warmup: int = 2, repeats: int = 10, run_dir=None, data_root=None,
+            max_seconds: float | None = None) -> list[Profile]:
     """The base model, then each experiment's trained modules (see `profiled_model`), all held in this process and
-    timed in interleaved rounds (`measure_interleaved`)."""
+    timed in interleaved rounds (`measure_interleaved`). `max_seconds`: a budget for the whole call, loading
+    included; the rounds stop early to keep it (at least MIN_ROUNDS)."""
     from bem.tasks import side_layout
 
+    deadline = None if max_seconds is None else time.perf_counter() + max_seconds
     model_name = configs[0].model if configs else "smollm2-135m"
     model, tokenizer = load_base(model_name)
     vocab = len(tokenizer)
@@ -333,4 +346,4 @@ def profile(configs: list[ExperimentConfig], device: str = "cpu", batch: int = 1
         stream = kv_stream(tokenizer, task, layout=layout, chunk_size=cache_scope(config.bem), root=data_root)
         subjects.append(_subject(model.to(device), config.name, config.config_hash(), batch, prompt_len,
                                  config.bem.side_dim, vocab, stream, status, seed))
-    return measure_interleaved(subjects, decode_steps, warmup, repeats)
+    return measure_interleaved(subjects, decode_steps, warmup, repeats, deadline)
