@@ -7,6 +7,7 @@ from torch._dynamo.utils import counters
 
 from bem import BEMConfig, attach_bem
 from bem.decoding import StaticDecoder, decoder_for, resolve_decoding
+from bem.errors import BEMError
 from bem.evaluate import generate, greedy
 from bem.models import tiny
 from conftest import routed_tiny, variant_options
@@ -147,7 +148,8 @@ def test_auto_and_router_modes(monkeypatch):
     monkeypatch.setenv("BEM_AUTO_DECODING", "static")
     assert resolve_decoding(model, "auto") == "static"
     monkeypatch.setenv("BEM_AUTO_DECODING", "fast")
-    with pytest.raises(ValueError, match=r"BEM_AUTO_DECODING='fast'; allowed: \['dynamic', 'static', 'compiled'\]"):
+    with pytest.raises(BEMError, match=r"BEM_AUTO_DECODING='fast' is not allowed; expected one of \['dynamic', "
+                       r"'static', 'compiled'\]"):
         resolve_decoding(model, "auto")
     monkeypatch.setenv("BEM_AUTO_DECODING", "compiled")
     router_model, _ = routed_bank()

@@ -135,7 +135,9 @@ def resolve_decoding(model, mode: str) -> str:
     if mode == "auto":
         fixed = os.environ.get(ENV)
         if fixed is not None and fixed not in MODES:
-            raise ValueError(f"{ENV}={fixed!r}; allowed: {list(MODES)}")
+            from bem.errors import BEMError
+
+            raise BEMError(f"{ENV}={fixed!r} is not allowed; expected one of {list(MODES)} (or unset: by device)")
         if router:
             return "dynamic"
         return fixed or ("compiled" if next(model.parameters()).is_cuda else "dynamic")

@@ -58,7 +58,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int | list[in
     # one shape for every batch (rows, cache length rounded up to a multiple of LENGTH_STEP): one compiled step per call,
     # and calls whose prompts differ a little (a task's index-swap conditions) share it
     need = max(map(len, encoded), default=0) + max(limits, default=0)
-    fixed = {} if mode == "dynamic" else {"rows": min(batch_size, len(prompts)), "length": -(-need // LENGTH_STEP) * LENGTH_STEP}
+    fixed = {} if mode == "dynamic" else {"rows": min(batch_size, len(prompts)),
+                                          "length": -(-need // LENGTH_STEP) * LENGTH_STEP}
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):

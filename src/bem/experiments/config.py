@@ -728,6 +728,9 @@ def _check(config: ExperimentConfig, source: str) -> None:
     if controller_lr is not None and config.bem.controller == "static":
         raise ConfigError(f"{source}: training.controller_lr = {controller_lr!r} is not allowed with bem.controller = "
                           "'static' (no controller to train); expected null")
+    if config.router is not None and config.evaluation.decoding in ("static", "compiled"):
+        raise ConfigError(f"{source}: evaluation.decoding = {config.evaluation.decoding!r} is not allowed with a router "
+                          "(its decisions run per chunk on the host); expected 'auto' or 'dynamic'")
     _check_bank(config, source)
     from bem.models import EMBEDDED, known_base
 

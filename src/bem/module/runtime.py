@@ -314,10 +314,7 @@ class BEMRuntime:
         rel = (self._segment_of(seen.unsqueeze(1), const)[:, 0] - chunk).clamp_min(0)  # 0, or 1: a new chunk opens
         opens = rel > 0
         candidate = ctrl(ctrl.summarize(window_sum, window_count), const.side, const.gate_bias)
-        allowed = opens & (chunk >= 0)  # the first chunk after the prompt keeps the prompt code
-        if self.config.max_switches is not None:
-            allowed = allowed & (switches < self.config.max_switches)
-        switch = allowed & ((candidate - code).pow(2).mean(-1).sqrt() > self.config.hysteresis_tau)
+        switch = self._switch(candidate, code, opens & (chunk >= 0), switches)  # chunk 0 keeps the prompt code
         code = torch.where(switch[:, None], candidate, code)
         window_sum = torch.where(opens[:, None], h, window_sum + h)
         window_count = torch.where(opens, 1, window_count + 1)
@@ -373,13 +370,13 @@ class BEMRuntime:
             for j in range(1, n_seg):
                 # the first chunk after the prompt keeps the prompt code; past the plan limit the code stays
                 live = (st.chunk + j - 1 >= 0) & (last >= j)
-                allowed = live if limit is None else live & (count < limit)
                 if sequential:
+                    allowed = live if limit is None else live & (count < limit)
                     candidate, switch = ctrl.decide(summaries[:, j - 1], st.side, current, live, allowed)
+                    switch = switch & allowed
                 else:
                     candidate = candidates[:, j - 1]
-                    switch = (candidate - current).pow(2).mean(-1).sqrt() > self.config.hysteresis_tau
-                switch = switch & allowed
+                    switch = self._switch(candidate, current, live, count)
                 current = torch.where(switch[:, None], candidate, current)
                 count = count + switch.long()
                 codes.append(current)
@@ -395,6 +392,13 @@ class BEMRuntime:
         self._advance(st, undo, seq)
         st.prompt_positions = st.prompt_positions or st.length
         self.state = st
+
+    def _switch(self, candidate: torch.Tensor, current: torch.Tensor, live: torch.Tensor,
+                switches: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: rows whose chunk code is replaced: a live boundary, under the plan limit (`max_switches`), and
+        the candidate's RMS change over the whole routing vector above `hysteresis_tau`."""
+        allowed = live if self.config.max_switches is None else live & (switches < self.config.max_switches)
+        return allowed & ((candidate - current).pow(2).mean(-1).sqrt() > self.config.hysteresis_tau)
 
     @staticmethod
     def _check_prompt_reads(st: StreamState, masked: torch.Tensor, in_prompt: torch.Tensor, pos: torch.Tensor) -> None:
